@@ -1,0 +1,270 @@
+"""The :class:`Checkpoint` object that :func:`dcp_explorer.open` returns."""
+
+from __future__ import annotations
+
+import html
+import os
+import posixpath
+import time
+from collections.abc import Mapping
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import cache as _cache
+from .errors import ByteRangeError, ChunkFileMissing, DcpExplorerError, MetadataError
+from .model import KIND_BYTES, CheckpointIndex, ChunkInfo, TensorInfo
+from .readers import get_reader, guess_reader
+from .store import Store, open_store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["Checkpoint", "open_checkpoint"]
+
+
+def _check_relative(name: str, where: str) -> None:
+    """A data file named by metadata must stay inside the checkpoint directory."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts or name == "":
+        raise MetadataError(
+            f"metadata names data file {name!r}, which is not a path inside the checkpoint directory; "
+            "refusing to read outside it",
+            path=where,
+        )
+
+
+class Checkpoint:
+    """A checkpoint opened for inspection: metadata only, tables on demand.
+
+    Use :func:`dcp_explorer.open` to make one.
+
+    Attributes
+    ----------
+    index : CheckpointIndex
+        The columnar metadata.
+    store : Store
+        Where it lives (read-only).
+    warnings : list of str
+        Problems found that did not stop opening.
+    """
+
+    def __init__(self, index: CheckpointIndex, store: Store, *, warnings: list[str] | None = None,
+                 open_seconds: float | None = None, from_cache: bool = False) -> None:  # fmt: skip
+        self.index = index
+        self.store = store
+        self.warnings = list(index.warnings) + list(warnings or [])
+        self.open_seconds = open_seconds
+        self.from_cache = from_cache
+
+    # -- basics ---------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        """The location as given by the user."""
+        return self.store.url
+
+    @property
+    def format(self) -> str:
+        """Reader that produced the metadata (``"dcp"``, ``"safetensors"``, ``"hf_dcp_shards"``, ``"hf_quantized"``)."""
+        return self.index.format
+
+    @property
+    def fqns(self) -> tuple[str, ...]:
+        """Names of all entries, in checkpoint order."""
+        return self.index.fqns
+
+    def __len__(self) -> int:
+        return len(self.index.fqns)
+
+    def __contains__(self, fqn: object) -> bool:
+        try:
+            self.index.entry_index(fqn)  # type: ignore[arg-type]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.index.fqns)
+
+    def __getitem__(self, fqn: str) -> TensorInfo:
+        """The :class:`TensorInfo` of ``fqn``."""
+        return self.tensor(fqn)
+
+    def tensor(self, fqn: str) -> TensorInfo:
+        """The :class:`TensorInfo` of one entry; ``KeyError`` naming close matches when absent."""
+        try:
+            return self.index.tensor_info(self.index.entry_index(fqn))
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(fqn, self.index.fqns, n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"{fqn!r} is not in {self.path}{hint}") from None
+
+    def chunks_of(self, fqn: str) -> list[ChunkInfo]:
+        """The stored chunks of one tensor, in stored order."""
+        self.tensor(fqn)
+        return self.index.chunks_of(fqn)
+
+    def file_sizes(self) -> dict[str, int | None]:
+        """Size on disk of every data file the metadata references (None when missing)."""
+        out: dict[str, int | None] = {}
+        for f in self.index.files:
+            try:
+                out[f] = self.store.size(f)
+            except ChunkFileMissing:
+                out[f] = None
+        return out
+
+    # -- tables ---------------------------------------------------------------------------
+    @cached_property
+    def tensors(self) -> pd.DataFrame:
+        """One row per entry; see :func:`dcp_explorer.tables.tensors_table` for the columns."""
+        from .tables import tensors_table
+
+        return tensors_table(self.index)
+
+    @cached_property
+    def chunks(self) -> pd.DataFrame:
+        """One row per stored chunk; see :func:`dcp_explorer.tables.chunks_table` for the columns."""
+        from .tables import chunks_table
+
+        return chunks_table(self.index)
+
+    @cached_property
+    def files(self) -> pd.DataFrame:
+        """One row per data file; see :func:`dcp_explorer.tables.files_table` for the columns."""
+        from .tables import files_table
+
+        return files_table(self.index, self.file_sizes())
+
+    def modules(self, depth: int = 2) -> pd.DataFrame:
+        """Bytes and parameter counts by fqn prefix; see :func:`dcp_explorer.tables.modules_table`."""
+        from .tables import modules_table
+
+        return modules_table(self.index, depth)
+
+    def summary(self) -> dict[str, Any]:
+        """Headline numbers: format, counts, bytes, dtypes, ranks, files."""
+        idx = self.index
+        t = self.tensors
+        tens = t[t["kind"] == "tensor"]
+        c = idx.chunks
+        ranks = np.unique(c.rank[c.rank >= 0])
+        return {
+            "path": self.path,
+            "format": self.format,
+            "num_tensors": int(len(tens)),
+            "num_bytes_items": int((t["kind"] == "bytes").sum()),
+            "num_chunks": int(len(c)),
+            "numel": int(tens["numel"].sum()),
+            "tensor_bytes": int(tens["nbytes"].sum()),
+            "dtypes": {str(k): int(v) for k, v in tens.groupby("dtype")["nbytes"].sum().items()},
+            "num_files": len(idx.files),
+            "saving_ranks": int(len(ranks)),
+            "quantized": int(t["quant"].notna().sum()),
+            "warnings": list(self.warnings),
+        }
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (
+            f"<dcp_explorer.Checkpoint {s['format']} {self.path!r}: {s['num_tensors']} tensors, "
+            f"{s['num_bytes_items']} bytes items, {s['num_chunks']} chunks, {_fmt_bytes(s['tensor_bytes'])} "
+            f"in {s['num_files']} files>"
+        )
+
+    def _repr_html_(self) -> str:
+        from .html import checkpoint_html
+
+        return checkpoint_html(self)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _validate(index: CheckpointIndex, store: Store, strict: bool) -> list[str]:
+    """Referenced files exist and byte ranges lie inside them; raise (strict) or collect."""
+    problems: list[str] = []
+
+    def fail(exc: DcpExplorerError) -> None:
+        if strict:
+            raise exc
+        problems.append(str(exc))
+
+    sizes = np.full(len(index.files), -1, np.int64)
+    for i, f in enumerate(index.files):
+        _check_relative(f, store.display(f))
+        try:
+            sizes[i] = store.size(f)
+        except ChunkFileMissing:
+            fail(ChunkFileMissing(
+                "data file referenced by the metadata does not exist (incomplete copy or interrupted save?)",
+                path=store.display(f),
+            ))  # fmt: skip
+    c = index.chunks
+    ok = c.file >= 0
+    if ok.any():
+        end = c.byte_offset[ok] + c.byte_length[ok]
+        fsz = sizes[c.file[ok]]
+        bad = (fsz >= 0) & ((end > fsz) | (c.byte_offset[ok] < 0) | (c.byte_length[ok] < 0))
+        if bad.any():
+            rows = np.flatnonzero(ok)[bad]
+            r = int(rows[0])
+            f = index.files[int(c.file[r])]
+            e = int(c.entry[r])
+            fail(ByteRangeError(
+                f"{len(rows)} stored item(s) lie past the end of the file ({int(sizes[c.file[r]])} bytes), "
+                f"e.g. a chunk of {index.fqns[e]!r} at bytes [{int(c.byte_offset[r])}, "
+                f"{int(c.byte_offset[r] + c.byte_length[r])}): the file is truncated",
+                path=store.display(f),
+            ))  # fmt: skip
+    for e, (fi, o, ln, _t) in index.bytes_items.items():
+        if fi >= 0 and sizes[fi] >= 0 and (o < 0 or ln < 0 or o + ln > sizes[fi]):
+            fail(ByteRangeError(
+                f"bytes item {index.fqns[e]!r} at [{o}, {o + ln}) lies past the end of the file "
+                f"({int(sizes[fi])} bytes): the file is truncated",
+                path=store.display(index.files[fi]),
+            ))  # fmt: skip
+    return problems
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None = None,
+    rank: int | None = None,
+    strict: bool = True,
+    cache: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Checkpoint:
+    """Open a checkpoint's metadata (never its tensor data). See :func:`dcp_explorer.open`."""
+    t0 = time.perf_counter()
+    store = open_store(path, storage_options)
+    reader = get_reader(format) if format else guess_reader(store)
+    kwargs: dict[str, Any] = {"rank": rank} if rank is not None else {}
+    key = None
+    index = None
+    from_cache = False
+    if cache:
+        files = reader.cache_files(store, **kwargs)
+        if files:
+            full = posixpath.join(store.root, "") if store.root else ""
+            key = _cache.cache_key(
+                reader.name, type(store.fs).__name__, full, sorted(kwargs.items()),
+                [(f, *store.stat_key(f)) for f in files],
+            )  # fmt: skip
+            index = _cache.load_cached(key)
+            from_cache = index is not None
+    if index is None:
+        index = reader.open_index(store, **kwargs)
+        if key is not None:
+            _cache.store_cached(key, index)
+    problems = _validate(index, store, strict)
+    return Checkpoint(index, store, warnings=problems, open_seconds=time.perf_counter() - t0, from_cache=from_cache)
