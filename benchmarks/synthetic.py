@@ -1,10 +1,10 @@
-"""Synthetic Llama-shaped DCP ``.metadata`` at the scale of the largest runs.
+"""Synthetic Llama-shaped DCP checkpoints at the scale of the largest runs.
 
 Built with torch's own ``Metadata`` classes, exactly as ``FileSystemWriter`` would
 record an FSDP (Shard(0)) save of a Llama model and its Adam state over ``ranks``
 ranks, then pickled the way ``FileSystemWriter.finish`` does.  No tensor data is
-written: only the ``.metadata`` file (and no ``.distcp`` files), which is all
-that metadata-level tools read.
+written: the ``.metadata`` file plus *sparse* ``.distcp`` files of the right sizes (they
+take no disk space), which is all that metadata-level tools read.
 
 Used by the benchmarks (``bench_open``, later ``bench_plan`` and ``bench_widgets``).
 """
@@ -140,7 +140,7 @@ def synthetic_dir(size: str = "405b", ranks: int = 1024, root: str | os.PathLike
     base = Path(root or os.environ.get("DCP_EXPLORER_BENCH_DIR", Path.home() / ".cache" / "dcp_explorer_bench"))
     import torch
 
-    tag = hashlib.sha1(f"{size}-{ranks}-{torch.__version__}-v1".encode()).hexdigest()[:8]
+    tag = hashlib.sha1(f"{size}-{ranks}-{torch.__version__}-v2".encode()).hexdigest()[:8]
     d = base / f"llama{size}_fsdp{ranks}_{tag}"
     path = d / ".metadata"
     if not path.exists():
@@ -150,6 +150,13 @@ def synthetic_dir(size: str = "405b", ranks: int = 1024, root: str | os.PathLike
         tmp = d / ".metadata.tmp"
         with open(tmp, "wb") as f:
             pickle.dump(md, f)  # what FileSystemWriter.finish does
+        # sparse data files of the right sizes: listings and range checks see a real layout
+        ends: dict[str, int] = {}
+        for info in md.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for name, end in ends.items():
+            with open(d / name, "wb") as f:
+                f.truncate(end)
         os.replace(tmp, path)
         print(f"built {path} ({path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
     return d

@@ -1,0 +1,141 @@
+"""Command line: ``dcp-explorer info | samples | demo``.
+
+Exit status: 0 on success, 2 on an error (the message names the file and the problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import DcpExplorerError
+
+__all__ = ["main"]
+
+
+def _fmt_bytes(n: float) -> str:
+    from .html import fmt_bytes
+
+    return fmt_bytes(n)
+
+
+def _info_text(ckpt: Any, top: int) -> str:
+    s = ckpt.summary()
+    lines = [
+        f"{s['path']}",
+        f"  format        {s['format']}",
+        f"  tensors       {s['num_tensors']:,}   bytes items {s['num_bytes_items']:,}",
+        f"  chunks        {s['num_chunks']:,}",
+        f"  elements      {s['numel']:,}",
+        f"  tensor bytes  {_fmt_bytes(s['tensor_bytes'])}",
+        f"  files         {s['num_files']:,}   saving ranks {s['saving_ranks']:,}",
+    ]
+    if s["quantized"]:
+        lines.append(f"  quantized     {s['quantized']:,} tensors")
+    lines.append("  dtypes        " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(s["dtypes"].items())))
+    if ckpt.open_seconds is not None:
+        lines.append(f"  opened in     {ckpt.open_seconds:.2f} s" + (" (from cache)" if ckpt.from_cache else ""))
+    t = ckpt.tensors
+    if len(t):
+        lines.append("")
+        lines.append(f"  largest entries (of {len(t):,}):")
+        big = t.sort_values("nbytes", ascending=False).head(top)
+        w = max(len(f) for f in big["fqn"])
+        for r in big.itertuples(index=False):
+            shape = "x".join(map(str, r.shape)) if r.kind == "tensor" else "-"
+            q = f" [{r.quant}]" if r.quant else ""
+            lines.append(f"    {r.fqn:<{w}}  {r.kind:<6} {str(r.dtype or ''):<14} {shape:<16} "
+                         f"{r.num_chunks:>6} chunks  {_fmt_bytes(r.nbytes):>10}{q}")  # fmt: skip
+    for wmsg in s["warnings"]:
+        lines.append(f"  warning: {wmsg}")
+    return "\n".join(lines)
+
+
+def _cmd_info(a: argparse.Namespace) -> int:
+    from . import open as dx_open
+
+    ckpt = dx_open(a.path, format=a.format, rank=a.rank, strict=not a.lenient, cache=not a.no_cache)
+    if a.json:
+        out = ckpt.summary()
+        out["tensors"] = json.loads(ckpt.tensors.to_json(orient="records"))
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print(_info_text(ckpt, a.top))
+    return 0
+
+
+def _cmd_samples(a: argparse.Namespace) -> int:
+    from .samples import DESCRIPTIONS, make_samples
+
+    paths = make_samples(a.out_dir, a.names or None, force=a.force)
+    for name, p in paths.items():
+        print(f"{name:<20} {p}   {DESCRIPTIONS.get(name, '')}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from . import open as dx_open
+    from .samples import make_samples
+
+    paths = make_samples(a.out_dir)
+    for name in a.show:
+        print(f"== sample {name}")
+        print(_info_text(dx_open(paths[name]), top=6))
+        print()
+    print(f"{len(paths)} sample checkpoints in {next(iter(paths.values())).parent}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the CLI)."""
+    p = argparse.ArgumentParser(
+        prog="dcp-explorer",
+        description="Look inside PyTorch distributed checkpoints (DCP) and safetensors checkpoints.",
+    )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"dcp-explorer {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    i = sub.add_parser("info", help="summary and largest tensors of a checkpoint (metadata only)")
+    i.add_argument("path", help="checkpoint directory, .safetensors file, or fsspec URL")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--format", choices=["dcp", "safetensors"], help="force a reader")
+    i.add_argument("--rank", type=int, help="per-rank DCP metadata: read only __RANK.metadata")
+    i.add_argument("--top", type=int, default=15, help="how many of the largest entries to list")
+    i.add_argument("--lenient", action="store_true", help="report missing/short data files as warnings")
+    i.add_argument("--no-cache", action="store_true", help="do not use the parsed-metadata cache")
+    i.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("samples", help="write the sample checkpoints (real multi-process torch saves)")
+    s.add_argument("out_dir", nargs="?", default=None, help="where (default: the user cache)")
+    s.add_argument("--names", nargs="*", help="only these samples")
+    s.add_argument("--force", action="store_true", help="rewrite even if present")
+    s.set_defaults(func=_cmd_samples)
+
+    d = sub.add_parser("demo", help="make the samples if missing and show a few of them")
+    d.add_argument("--out-dir", default=None)
+    d.add_argument("--show", nargs="*", default=["llama_fsdp_tp_2x2", "mixed", "fp8_block"])
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dcp-explorer``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except DcpExplorerError as e:
+        print(f"dcp-explorer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
