@@ -79,22 +79,41 @@ def tensors_table(index: CheckpointIndex) -> pd.DataFrame:
     )
 
 
-def _ragged_tuples(flat: np.ndarray, coord_start: np.ndarray) -> list[tuple[int, ...]]:
-    """Rows of a ragged int array as tuples, grouped by length for speed."""
+def _factorize_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes and first-occurrence positions of the distinct rows of a 2-D int array (hash based, O(n*d))."""
+    import pandas as pd
+
+    codes = np.zeros(len(block), np.int64)
+    for j in range(block.shape[1]):
+        col_codes, uniq = pd.factorize(block[:, j])
+        codes = codes * max(1, len(uniq)) + col_codes
+        codes, _ = pd.factorize(codes)
+        codes = codes.astype(np.int64)
+    n_uniq = int(codes.max()) + 1 if len(codes) else 0
+    first = np.full(n_uniq, len(codes), np.int64)
+    np.minimum.at(first, codes, np.arange(len(codes)))
+    return codes, first
+
+
+def _ragged_tuples(flat: np.ndarray, coord_start: np.ndarray) -> np.ndarray:
+    """Rows of a ragged int array as an object array of tuples.
+
+    Equal rows share one tuple object (a 3.5 M-chunk checkpoint has only thousands of
+    distinct offsets), so this is fast and small.
+    """
     m = len(coord_start) - 1
-    out: list[tuple[int, ...]] = [()] * m
+    out = np.empty(m, dtype=object)
     nd = np.diff(coord_start)
     for d in np.unique(nd).tolist():
         rows = np.flatnonzero(nd == d)
         if d == 0:
+            out[rows] = [()] * len(rows)
             continue
         block = flat[coord_start[rows][:, None] + np.arange(d)]
-        tuples = list(map(tuple, block.tolist()))
-        if len(rows) == m:
-            out = tuples
-        else:
-            for r, t in zip(rows.tolist(), tuples):
-                out[r] = t
+        codes, first = _factorize_rows(block)
+        uniq = np.empty(len(first), dtype=object)
+        uniq[:] = list(map(tuple, block[first].tolist()))
+        out[rows] = uniq[codes]
     return out
 
 
@@ -157,8 +176,8 @@ def files_table(index: CheckpointIndex, sizes: Mapping[str, int | None]) -> pd.D
     -------
     file : str
         Path relative to the checkpoint root.
-    size_on_disk : float
-        Bytes on disk (NaN when the file is missing).
+    size_on_disk : Int64
+        Bytes on disk (``<NA>`` when the file is missing).
     num_items : int
         Stored items in the file (tensor chunks + bytes items).
     ranks : tuple of int
@@ -183,16 +202,20 @@ def files_table(index: CheckpointIndex, sizes: Mapping[str, int | None]) -> pd.D
             stored[f] += ln
     ranks: list[tuple[int, ...]] = [()] * nf
     if len(fid):
-        pairs = np.unique(np.stack([fid, c.rank[valid].astype(np.int64)]), axis=1)
+        import pandas as pd
+
+        base = int(c.rank.max(initial=0)) + 2
+        keys = np.sort(pd.unique(fid * base + (c.rank[valid].astype(np.int64) + 1)))
         groups: dict[int, list[int]] = {}
-        for f, r in pairs.T.tolist():
-            if r >= 0:
-                groups.setdefault(f, []).append(r)
+        for k in keys.tolist():
+            f, r = divmod(k, base)
+            if r > 0:
+                groups.setdefault(f, []).append(r - 1)
         ranks = [tuple(groups.get(i, ())) for i in range(nf)]
     return pd.DataFrame(
         {
             "file": pd.Series(index.files, dtype=object),
-            "size_on_disk": np.array([np.nan if sizes.get(f) is None else sizes[f] for f in index.files], np.float64),
+            "size_on_disk": pd.array([sizes.get(f) for f in index.files], dtype="Int64"),
             "num_items": num_items.astype(np.int64),
             "ranks": pd.Series(ranks, dtype=object),
             "tensor_bytes": tensor_bytes.astype(np.int64),
