@@ -85,3 +85,31 @@ def checkpoint_html(ckpt: Checkpoint) -> str:
         f"<details><summary>tensors</summary>{table_html(ckpt.tensors, 20)}</details>"
         f"{warn}</div>"
     )
+
+
+def plan_html(plan: Any) -> str:
+    """The ``_repr_html_`` of a :class:`~dcp_explorer.plan.LoadPlan`."""
+    t = plan.totals()
+    status = "<b style='color:#2a7a2a'>will load</b>" if t["ok"] else "<b style='color:#b00020'>will fail</b>"
+    facts = [
+        ("target mesh", f"{t['mesh']} ({t['world_size']:,} ranks)"),
+        ("reader", f"{plan.reader} ({plan.storage.replace('_', ' ')} reads)"),
+        ("read items", f"{t['read_items']:,}"),
+        ("bytes needed", fmt_bytes(t["bytes_needed"])),
+        ("bytes read", fmt_bytes(t["bytes_read"])),
+        ("read amplification", f"{t['amplification']:.2f}x"),
+        ("problems", f"{t['errors']} errors, {t['warnings']} warnings"),
+    ]
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts)
+    errs = [p for p in plan.problems if p.severity != "info"]
+    prob = ""
+    if errs:
+        items = "".join(f"<li><code>{escape(p.fqn)}</code> [{escape(p.kind)}] {escape(p.reason)}</li>" for p in errs[:20])
+        more = f"<li>… {len(errs) - 20} more</li>" if len(errs) > 20 else ""
+        prob = f"<div class='warn'><ul>{items}{more}</ul></div>"
+    pr = plan.per_rank.drop(columns=["coordinate"])
+    return (
+        f"{_STYLE}<div class='dcpx'><div><b>dcp_explorer.LoadPlan</b> {status}</div><table>{rows}</table>{prob}"
+        f"<details><summary>per rank</summary>{table_html(pr, 16)}</details>"
+        f"<details><summary>per file</summary>{table_html(plan.per_file, 16)}</details></div>"
+    )
