@@ -23,7 +23,7 @@ from .model import CheckpointIndex, ChunkColumns
 
 __all__ = ["cache_dir", "cache_key", "load_cached", "store_cached"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _COLS = ("entry", "coord_start", "offsets", "sizes", "file", "byte_offset", "byte_length", "rank", "transform")
 
 
@@ -59,6 +59,7 @@ def store_cached(key: str, index: CheckpointIndex) -> Path | None:
             "files": list(index.files),
             "transforms": list(index.transforms),
             "bytes_items": [[k, *v] for k, v in index.bytes_items.items()],
+            "bytes_copies": [list(c) for c in index.bytes_copies],
             "quant": [[k, v] for k, v in index.quant.items()],
             "planner_data": list(index.planner_data.items()),
             "attrs": dict(index.attrs),
@@ -114,6 +115,7 @@ def load_cached(key: str) -> CheckpointIndex | None:
             files=tuple(meta["files"]),
             transforms=tuple(meta["transforms"]),
             bytes_items={int(k): (int(a), int(b), int(c), int(t)) for k, a, b, c, t in meta["bytes_items"]},
+            bytes_copies=tuple(tuple(int(x) for x in c) for c in meta["bytes_copies"]),
             quant=quant,
             planner_data={k: _tuplify(v) for k, v in meta["planner_data"]},
             attrs=meta["attrs"],

@@ -225,7 +225,7 @@ def _validate(index: CheckpointIndex, store: Store, strict: bool) -> list[str]:
                 f"{int(c.byte_offset[r] + c.byte_length[r])}): the file is truncated",
                 path=store.display(f),
             ))  # fmt: skip
-    for e, (fi, o, ln, _t) in index.bytes_items.items():
+    for e, fi, o, ln, _t in [*((e, *v) for e, v in index.bytes_items.items()), *index.bytes_copies]:
         if fi >= 0 and sizes[fi] >= 0 and (o < 0 or ln < 0 or o + ln > sizes[fi]):
             fail(ByteRangeError(
                 f"bytes item {index.fqns[e]!r} at [{o}, {o + ln}) lies past the end of the file "
@@ -254,11 +254,11 @@ def open_checkpoint(
     from_cache = False
     if cache:
         files = reader.cache_files(store, **kwargs)
-        if files:
+        stats = [(f, *store.stat_key(f)) for f in files or ()]
+        if files and all(s[-1] is not None for s in stats):  # no mtime/etag: a same-size rewrite would go unseen
             full = posixpath.join(store.root, "") if store.root else ""
             key = _cache.cache_key(
-                reader.name, type(store.fs).__name__, full, sorted(kwargs.items()),
-                [(f, *store.stat_key(f)) for f in files],
+                reader.name, type(store.fs).__name__, full, sorted(kwargs.items()), stats,
             )  # fmt: skip
             index = _cache.load_cached(key)
             from_cache = index is not None

@@ -205,6 +205,10 @@ class CheckpointIndex:
     """Distinct storage transforms (``"stream.zstd/1"``...), indexed by ``ChunkColumns.transform``."""
     bytes_items: Mapping[int, tuple[int, int, int, int]] = field(default_factory=dict)
     """Entry index of each bytes item -> (file index, byte offset, byte length, transform index)."""
+    bytes_copies: tuple[tuple[int, int, int, int, int], ...] = ()
+    """Further stored copies of bytes items, as (entry, file index, byte offset, byte length, transform
+    index): with per-rank metadata (``use_collectives=False``) every rank stores its own copy, and
+    :attr:`bytes_items` holds only the first."""
     quant: Mapping[int, dict[str, Any]] = field(default_factory=dict)
     """Entry index of each quantized tensor -> its description (format, partner, block size, stored shape...)."""
     planner_data: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)

@@ -98,12 +98,13 @@ class Store:
         return self.full_path(name) if self.is_local else None
 
     def stat_key(self, name: str) -> tuple[Any, ...]:
-        """What identifies the current content of ``name`` (size and mtime, or etag)."""
+        """What identifies the current content of ``name``: (size, mtime or etag); the stamp is None when unknown."""
         info = self.info.get(name) or {}
-        stamp = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("ETag")
+        keys = ("mtime", "LastModified", "last_modified", "ETag", "etag", "generation", "updated", "created")
+        stamp = next((info[k] for k in keys if info.get(k)), None)
         if hasattr(stamp, "isoformat"):
             stamp = stamp.isoformat()
-        return (self.size(name), str(stamp))
+        return (self.size(name), None if stamp is None else str(stamp))
 
 
 def open_store(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Store:

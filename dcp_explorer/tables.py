@@ -196,7 +196,7 @@ def files_table(index: CheckpointIndex, sizes: Mapping[str, int | None]) -> pd.D
     num_items = np.bincount(fid, minlength=nf)
     tensor_bytes = np.bincount(fid, weights=chunk_nbytes(index)[valid], minlength=nf)
     stored = np.bincount(fid, weights=np.maximum(c.byte_length[valid], 0), minlength=nf)
-    for f, _o, ln, _t in index.bytes_items.values():
+    for f, _o, ln, _t in [*index.bytes_items.values(), *(c[1:] for c in index.bytes_copies)]:
         if f >= 0:
             num_items[f] += 1
             stored[f] += ln

@@ -307,6 +307,7 @@ def merge_indexes(parts: list[CheckpointIndex]) -> CheckpointIndex:
     transforms: dict[str, int] = {}
     rows: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # (part, row)
     bytes_items: dict[int, tuple[int, int, int, int]] = {}
+    bytes_copies: list[tuple[int, int, int, int, int]] = []  # every rank's own copy, beyond the first
     warnings: list[str] = []
     planner: dict[str, Any] = {}
     fmaps, tmaps = [], []
@@ -323,9 +324,13 @@ def merge_indexes(parts: list[CheckpointIndex]) -> CheckpointIndex:
                     warnings.append(f"per-rank metadata files disagree on the dtype/shape of {f!r}")
                 dtypes[g], shapes[g] = p.dtypes[e], p.shapes[e]
                 rows[g].extend((pi, r) for r in range(int(p.chunk_start[e]), int(p.chunk_start[e + 1])))
-            elif e in p.bytes_items and g not in bytes_items:
+            elif e in p.bytes_items:
                 fi, o, ln, t = p.bytes_items[e]
-                bytes_items[g] = (int(fmaps[pi][fi]), o, ln, int(tmaps[pi][t]))
+                loc = (int(fmaps[pi][fi]), o, ln, int(tmaps[pi][t]))
+                if g not in bytes_items:
+                    bytes_items[g] = loc
+                else:
+                    bytes_copies.append((g, *loc))
     counts = np.array([len(r) for r in rows], np.int64)
     chunk_start = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=chunk_start[1:])
@@ -359,7 +364,8 @@ def merge_indexes(parts: list[CheckpointIndex]) -> CheckpointIndex:
     return CheckpointIndex(
         format="dcp", fqns=names, kinds=kinds, dtypes=tuple(dtypes), shapes=tuple(shapes),
         chunk_start=chunk_start, chunks=chunks, files=tuple(files), transforms=tuple(transforms),
-        bytes_items=bytes_items, planner_data=planner, attrs=attrs, warnings=tuple(warnings),
+        bytes_items=bytes_items, bytes_copies=tuple(bytes_copies), planner_data=planner, attrs=attrs,
+        warnings=tuple(warnings),
     )  # fmt: skip
 
 

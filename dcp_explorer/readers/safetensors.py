@@ -117,6 +117,13 @@ def parse_header(raw: bytes, file_size: int, where: str) -> dict[str, Any]:
         ):
             raise SafetensorsHeaderError(f"tensor {key!r} has invalid data_offsets {offs!r}", path=where)
         expect = math.prod(shape) * itemsize(SAFETENSORS_DTYPES[dt])
+        if dt == "F4":  # 4-bit elements; torch sees pairs (float4_e2m1fn_x2) along the last dim
+            if not shape or shape[-1] % 2:
+                raise SafetensorsHeaderError(
+                    f"tensor {key!r} of F4 has shape {shape}: the last dim must be even (torch packs pairs)",
+                    path=where,
+                )
+            expect = math.prod(shape) // 2
         if offs[1] - offs[0] != expect:
             raise SafetensorsHeaderError(
                 f"tensor {key!r}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but shape {shape} "
@@ -244,6 +251,8 @@ class SafetensorsReader(BackendEntrypoint):
             for key in sorted(k for k in header if k != "__metadata__"):
                 ent = header[key]
                 shape = tuple(ent["shape"])
+                if ent["dtype"] == "F4":  # the shape torch gives it (float4_e2m1fn_x2: pairs)
+                    shape = (*shape[:-1], shape[-1] // 2)
                 if sharding is not None:
                     info = sharding.get(key)
                     offs = info.get("saved_offsets") if isinstance(info, dict) else None
