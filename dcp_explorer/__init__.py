@@ -27,13 +27,16 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .plan import LoadPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
     "open",
+    "simulate_load",
     "Checkpoint",
+    "LoadPlan",
     "DcpExplorerError",
     "NotACheckpointError",
     "MetadataError",
@@ -102,9 +105,30 @@ def open(  # noqa: A001 - the public verb, like xarray.open_dataset
     )
 
 
+def simulate_load(ckpt: Any, mesh: Any = 1, placements: Any = None, **kwargs: Any) -> LoadPlan:
+    """Simulate ``dcp.load`` of a checkpoint on every rank of a target mesh; see :func:`dcp_explorer.plan.simulate_load`.
+
+    ``ckpt`` may be a :class:`Checkpoint` or a path (opened with :func:`open`).
+
+    Examples
+    --------
+    >>> plan = dcp_explorer.simulate_load("/ckpt", "dp=96,tp=8", preset="fsdp_tp")   # doctest: +SKIP
+    >>> plan.per_rank.bytes_read.sum(), plan.problems                                # doctest: +SKIP
+    """
+    from .plan import simulate_load as _simulate
+
+    if isinstance(ckpt, (str, os.PathLike)):
+        ckpt = open(ckpt)
+    return _simulate(ckpt, mesh, placements, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     if name == "Checkpoint":
         from .checkpoint import Checkpoint
 
         return Checkpoint
+    if name == "LoadPlan":
+        from .plan import LoadPlan
+
+        return LoadPlan
     raise AttributeError(f"module 'dcp_explorer' has no attribute {name!r}")

@@ -6,6 +6,7 @@ Exit status: 0 on success, 2 on an error (the message names the file and the pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -67,6 +68,40 @@ def _cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from . import open as dx_open
+    from .plan import simulate_load
+
+    ckpt = dx_open(a.path, strict=not a.lenient)
+    placements = json.loads(a.placements) if a.placements else None
+    plan = simulate_load(ckpt, a.mesh, placements, preset=a.preset, strict=not a.partial)
+    if a.csv:
+        (plan.reads if a.reads else plan.per_rank).to_csv(a.csv, index=False)
+    if a.json:
+        out = {"totals": plan.totals(),
+               "per_rank": json.loads(plan.per_rank.to_json(orient="records")),
+               "per_file": json.loads(plan.per_file.to_json(orient="records")),
+               "problems": [dataclasses.asdict(p) for p in plan.problems]}  # fmt: skip
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        t = plan.totals()
+        print(f"{ckpt.path} -> mesh {t['mesh']} ({t['world_size']} ranks), reader {plan.reader}")
+        print(f"  {'will load' if t['ok'] else 'WILL FAIL'}: {t['errors']} errors, {t['warnings']} warnings")
+        print(f"  read items    {t['read_items']:,}")
+        print(f"  bytes needed  {_fmt_bytes(t['bytes_needed'])}")
+        print(f"  bytes read    {_fmt_bytes(t['bytes_read'])}  (x{t['amplification']:.2f})")
+        pr = plan.per_rank
+        worst = pr.sort_values("bytes_read", ascending=False).head(a.top)
+        print(f"  busiest ranks (of {len(pr)}):")
+        for r in worst.itertuples(index=False):
+            print(f"    rank {r.rank:>5} {str(r.coordinate):<12} {r.read_items:>8,} items  "
+                  f"{_fmt_bytes(r.bytes_read):>10} read  x{r.amplification:.2f}  {r.files_opened} files")  # fmt: skip
+        for p in plan.problems:
+            if p.severity != "info":
+                print(f"  {p.severity}: {p.fqn}: {p.reason}")
+    return 0 if plan.ok else 1
+
+
 def _cmd_samples(a: argparse.Namespace) -> int:
     from .samples import DESCRIPTIONS, make_samples
 
@@ -109,6 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--lenient", action="store_true", help="report missing/short data files as warnings")
     i.add_argument("--no-cache", action="store_true", help="do not use the parsed-metadata cache")
     i.set_defaults(func=_cmd_info)
+
+    pl = sub.add_parser("plan", help="simulate dcp.load on a target mesh: what every rank reads")
+    pl.add_argument("path", help="checkpoint directory or URL")
+    pl.add_argument("--mesh", required=True, help="target mesh, e.g. dp=4,tp=2 or 8")
+    pl.add_argument("--preset", choices=["fsdp", "hsdp", "fsdp_tp", "replicate"], help="placement preset")
+    pl.add_argument("--placements", help='JSON rules, e.g. \'{"*.wq.weight": ["SS(0,2)", "S(0)"]}\'')
+    pl.add_argument("--partial", action="store_true", help="allow_partial_load: missing keys are not errors")
+    pl.add_argument("--json", action="store_true", help="totals, per-rank and per-file tables and problems as JSON")
+    pl.add_argument("--csv", help="write the per-rank table (or every ReadItem with --reads) to this CSV file")
+    pl.add_argument("--reads", action="store_true", help="with --csv: every ReadItem of every rank")
+    pl.add_argument("--top", type=int, default=8, help="how many of the busiest ranks to list")
+    pl.add_argument("--lenient", action="store_true", help="open with missing/short data files as warnings")
+    pl.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("samples", help="write the sample checkpoints (real multi-process torch saves)")
     s.add_argument("out_dir", nargs="?", default=None, help="where (default: the user cache)")

@@ -173,6 +173,8 @@ def parse_mesh(mesh: Any) -> Mesh:
     if isinstance(mesh, (int, np.integer)):
         return Mesh(("world",), (int(mesh),))
     if isinstance(mesh, str):
+        if mesh.strip().isdigit():
+            return parse_mesh(int(mesh))
         items = [p for p in re.split(r"[,\s]+", mesh.strip()) if p]
         names, sizes = [], []
         for i, it in enumerate(items):
