@@ -117,6 +117,53 @@ class Checkpoint:
                 out[f] = None
         return out
 
+    # -- data -----------------------------------------------------------------------------
+    @cached_property
+    def loader(self) -> Any:
+        """The :class:`~dcp_explorer.load.Loader` that reads this checkpoint's tensor bytes."""
+        from .load import Loader
+
+        return Loader(self)
+
+    def load(self, selection: Any, *, slices: Any = None, dtype: Any = None, dequantize: bool = True,
+             trusted: bool = False, progress: bool | None = None, max_bytes: int | None = None) -> Any:  # fmt: skip
+        """Load tensors (or slices of them) into ``torch.Tensor``; reads only the bytes needed.
+
+        Parameters
+        ----------
+        selection
+            An fqn (returns one tensor), or a glob (``"model.layers.0.*"``), ``"re:<regex>"``, a
+            compiled regex or a list of these (returns a dict fqn -> value).
+        slices
+            For a single tensor: a tuple of ints/slices or a string like ``"0:10, :"``; for several,
+            a mapping fqn -> slices (or one spec applied to all).
+        dtype
+            Cast the result (``torch.float32`` or ``"float32"``).
+        dequantize
+            FP8 block-scaled and MXFP4 weights are dequantized (float32) unless ``False``.
+        trusted
+            Bytes entries are decoded with an allow-list unpickler (plain containers, numbers,
+            strings, bytes) unless ``True``, which uses ``torch.load(weights_only=False)`` and can
+            execute code from the file.
+        progress
+            Show a progress bar (default: when loading more than 8 entries).
+        max_bytes
+            Refuse a selection whose raw size exceeds this (unless sliced).
+
+        Returns
+        -------
+        torch.Tensor, object, or dict
+
+        Examples
+        --------
+        >>> w = ckpt.load("model.layers.0.attention.wq.weight", slices="0:4, :")   # doctest: +SKIP
+        >>> ckpt.load("model.layers.0.*")                                          # doctest: +SKIP
+        """
+        from .load import load
+
+        return load(self, selection, slices=slices, dtype=dtype, dequantize=dequantize, trusted=trusted,
+                    progress=progress, max_bytes=max_bytes)  # fmt: skip
+
     # -- tables ---------------------------------------------------------------------------
     @cached_property
     def tensors(self) -> pd.DataFrame:
