@@ -164,6 +164,18 @@ class Checkpoint:
         return load(self, selection, slices=slices, dtype=dtype, dequantize=dequantize, trusted=trusted,
                     progress=progress, max_bytes=max_bytes)  # fmt: skip
 
+    def export(self, selection: Any, out: str | os.PathLike[str], *, format: str = "safetensors", dtype: Any = None,
+               rename: Any = None, dequantize: bool = True, max_shard_size: int = 5 << 30,
+               progress: bool | None = None) -> list[Any]:  # fmt: skip
+        """Write selected tensors as safetensors (streaming; sharded + index above ``max_shard_size``) or ``torch.save``.
+
+        See :func:`dcp_explorer.export.export`. Returns the files written.
+        """
+        from .export import export
+
+        return export(self, selection, out, format=format, dtype=dtype, rename=rename, dequantize=dequantize,
+                      max_shard_size=max_shard_size, progress=progress)  # fmt: skip
+
     # -- tables ---------------------------------------------------------------------------
     @cached_property
     def tensors(self) -> pd.DataFrame:

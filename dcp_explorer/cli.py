@@ -102,6 +102,67 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     return 0 if plan.ok else 1
 
 
+def tensor_stats(t: Any) -> dict[str, Any]:
+    """shape, dtype, min/max/mean/std and NaN/Inf counts of a tensor (computed in float64)."""
+    import torch
+
+    out: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel()}
+    if t.numel() == 0:
+        return out
+    x = t.to(torch.float64) if not t.is_complex() else t.abs().to(torch.float64)
+    finite = torch.isfinite(x)
+    out["nan"] = int(torch.isnan(x).sum())
+    out["inf"] = int(torch.isinf(x).sum())
+    f = x[finite]
+    if f.numel():
+        out.update(min=float(f.min()), max=float(f.max()), mean=float(f.mean()),
+                   std=float(f.std()) if f.numel() > 1 else 0.0)  # fmt: skip
+    return out
+
+
+def _cmd_load(a: argparse.Namespace) -> int:
+    from . import open as dx_open
+
+    ckpt = dx_open(a.path)
+    e = ckpt.index.entry_index(ckpt.tensor(a.fqn).fqn)
+    if ckpt.index.kinds[e] == 1:
+        obj = ckpt.load(a.fqn, trusted=False)
+        print(json.dumps({"fqn": a.fqn, "kind": "bytes", "value": repr(obj)}, indent=None if a.json else 2))
+        return 0
+    t = ckpt.load(a.fqn, slices=a.slice, dequantize=not a.raw)
+    st = tensor_stats(t)
+    st["fqn"] = a.fqn
+    st["bytes_read"] = ckpt.loader.stats.bytes_read
+    if a.slice:
+        st["slice"] = a.slice
+    if a.json:
+        print(json.dumps(st))
+    else:
+        print(f"{a.fqn}{'[' + a.slice + ']' if a.slice else ''}")
+        for k in ("dtype", "shape", "numel", "min", "max", "mean", "std", "nan", "inf", "bytes_read"):
+            if k in st:
+                v = st[k]
+                print(f"  {k:<10} {v:.6g}" if isinstance(v, float) else f"  {k:<10} {v}")
+        if a.show:
+            import torch
+
+            torch.set_printoptions(threshold=200, edgeitems=3)
+            print(t)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from . import open as dx_open
+
+    ckpt = dx_open(a.path)
+    rename = dict(r.split("=", 1) for r in a.rename) if a.rename else None
+    files = ckpt.export(a.select, a.to, format=a.format, dtype=a.dtype, rename=rename,
+                        max_shard_size=int(float(a.max_shard_size) * (1 << 30)))  # fmt: skip
+    for f in files:
+        print(f)
+    return 0
+
+
 def _cmd_samples(a: argparse.Namespace) -> int:
     from .samples import DESCRIPTIONS, make_samples
 
@@ -157,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--top", type=int, default=8, help="how many of the busiest ranks to list")
     pl.add_argument("--lenient", action="store_true", help="open with missing/short data files as warnings")
     pl.set_defaults(func=_cmd_plan)
+
+    ld = sub.add_parser("load", help="load one tensor (or a slice) and print its statistics")
+    ld.add_argument("path")
+    ld.add_argument("fqn")
+    ld.add_argument("--slice", help="e.g. '0:10, :' (numpy-style)")
+    ld.add_argument("--raw", action="store_true", help="do not dequantize FP8/MXFP4")
+    ld.add_argument("--show", action="store_true", help="also print the values (abbreviated)")
+    ld.add_argument("--json", action="store_true")
+    ld.set_defaults(func=_cmd_load)
+
+    ex = sub.add_parser("export", help="write selected tensors as safetensors (or torch.save)")
+    ex.add_argument("path")
+    ex.add_argument("--select", nargs="+", default=["*"], help="fqns, globs or re:regex (default: all)")
+    ex.add_argument("--to", required=True, help="output directory (safetensors) or file (torch)")
+    ex.add_argument("--format", choices=["safetensors", "torch"], default="safetensors")
+    ex.add_argument("--dtype", help="cast every tensor, e.g. bfloat16")
+    ex.add_argument("--rename", nargs="*", help="prefix renames OLD=NEW, e.g. model.=")
+    ex.add_argument("--max-shard-size", default="5", help="GiB per safetensors file (default 5)")
+    ex.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("samples", help="write the sample checkpoints (real multi-process torch saves)")
     s.add_argument("out_dir", nargs="?", default=None, help="where (default: the user cache)")
