@@ -371,11 +371,17 @@ def _flatten_expected(sd: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
         key = f"{prefix}{k}"
         if isinstance(v, Mapping) and not _is_tensor_spec(v):
             out.update(_flatten_expected(v, key + "."))
-        elif isinstance(v, list) and any(isinstance(x, Mapping) or _is_tensor_like(x) for x in v):
+        elif isinstance(v, list) and _descend_list(v):
             out.update(_flatten_expected({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = v
     return out
+
+
+def _descend_list(v: list[Any]) -> bool:
+    """Whether DCP flattens a list item by item (torch's ``_is_terminal``, negated): it holds a
+    mapping, a tensor, or a list that is itself descended (``[[t]]`` -> ``key.0.0``)."""
+    return any(isinstance(x, Mapping) or _is_tensor_like(x) or (isinstance(x, list) and _descend_list(x)) for x in v)
 
 
 def _is_tensor_like(v: Any) -> bool:
@@ -419,14 +425,30 @@ def _apply_rename(fqn: str, rename: Any) -> str:
 def _default_load_order(index: CheckpointIndex) -> list[str]:
     """fqns in the order ``dcp.load`` plans a state dict rebuilt from the checkpoint.
 
-    Top-level keys sorted (as ``dcp.load`` does), then the checkpoint's own order within each.
+    The state dict is rebuilt as torch's ``set_element`` does (``_EmptyStateDictLoadPlanner``),
+    entries in the checkpoint's order along their ``planner_data`` paths (a flat key when
+    there is none, e.g. Hugging Face checkpoints), then flattened as ``dcp.load`` does:
+    top-level keys sorted, nested mappings in insertion order (a key keeps the position of
+    its first entry), lists by position.
     """
-    top: dict[str, list[str]] = {}
+    root: dict[Any, Any] = {}
     for f in index.fqns:
-        path = index.planner_data.get(f)
-        head = str(path[0]) if path else f.split(".", 1)[0]
-        top.setdefault(head, []).append(f)
-    return [f for k in sorted(top) for f in top[k]]
+        path = index.planner_data.get(f) or (f,)
+        node = root
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = f
+
+    def walk(node: dict[Any, Any], keys: Iterable[Any]) -> Iterable[str]:
+        for k in keys:
+            v = node[k]
+            if isinstance(v, dict):
+                lst = all(type(x) is int for x in v)
+                yield from walk(v, sorted(v) if lst else list(v))
+            else:
+                yield v
+
+    return list(walk(root, sorted(root, key=str)))
 
 
 class LoadPlan:
@@ -484,12 +506,10 @@ class LoadPlan:
         items = np.zeros(R, np.int64)
         needed = np.zeros(R, np.float64)
         read = np.zeros(R, np.float64)
-        rank_file: set[int] = set()
         file_bytes = np.zeros(nf, np.float64)
-        file_ranks: list[set[int]] = [set() for _ in range(nf)]
         nsave = int(c.rank.max(initial=-1)) + 2
-        traffic = np.zeros((nsave, R), np.float64)  # row 0: unknown saving rank
-        rank_files: list[set[int]] = [set() for _ in range(R)]
+        traffic = np.zeros(nsave * R, np.float64)  # [saving rank + 1, loading rank]; row 0: unknown saving rank
+        touched = np.zeros((nf, R), bool)  # file f read by rank r
         for g in self._groups:
             p = g.pattern
             if len(p.rank) == 0:
@@ -499,30 +519,37 @@ class LoadPlan:
             isz = self._itemsize[ents]
             items += np.bincount(p.rank, minlength=R) * len(ents)
             needed += np.bincount(p.rank, weights=p.numel.astype(np.float64), minlength=R) * isz.sum()
-            rows = cs[:, None] + p.chunk[None, :]  # [T, P]
-            if self.storage == "whole_item":
-                per_item = np.maximum(c.byte_length[rows], 0).astype(np.float64)
+            # Work on the tensors' chunk tables ([T, k]) rather than on every read ([T, P], P >> k
+            # at scale): tensors whose chunks sit in the same files on the same saving ranks
+            # (the common case: U == 1) are summed per chunk first, then spread over the reads once.
+            k = int(idx.chunk_start[ents[0] + 1]) - int(cs[0])
+            krows = cs[:, None] + np.arange(k)[None, :]  # [T, k]
+            kfile, krank = c.file[krows], c.rank[krows]
+            if len(ents) == 1:
+                inv, reps = np.zeros(1, np.int64), np.zeros(1, np.int64)
             else:
-                per_item = p.numel[None, :] * isz[:, None]
-            read += np.bincount(p.rank, weights=per_item.sum(axis=0), minlength=R)
-            files = c.file[rows]  # [T, P]
-            saving = c.rank[rows] + 1
-            # dedupe tensors that share file and saving-rank rows (the common case)
-            sig = np.concatenate([files, saving], axis=1)
-            uniq, inv = np.unique(sig, axis=0, return_inverse=True)
-            inv = inv.ravel()
-            for u in range(len(uniq)):
-                w = per_item[inv == u].sum(axis=0)
-                f_row = uniq[u, : files.shape[1]]
-                s_row = uniq[u, files.shape[1] :]
-                np.add.at(traffic, (s_row, p.rank), w)
-                ok = f_row >= 0
-                np.add.at(file_bytes, f_row[ok], w[ok])
-                pairs = np.unique(f_row[ok].astype(np.int64) * R + p.rank[ok])
-                for pr in pairs.tolist():
-                    f, r = divmod(pr, R)
-                    rank_files[r].add(f)
-                    file_ranks[f].add(r)
+                sig = np.concatenate([kfile.astype(np.int64), krank.astype(np.int64)], axis=1)
+                seen: dict[bytes, int] = {}
+                inv = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in sig], np.int64)
+                reps = np.unique(inv, return_index=True)[1]  # first tensor of each signature
+            U = len(reps)
+            if self.storage == "whole_item":
+                wk = np.maximum(c.byte_length[krows], 0).astype(np.float64)  # [T, k]
+                flat = (inv[:, None] * k + np.arange(k)[None, :]).ravel()
+                wsum = np.bincount(flat, weights=wk.ravel(), minlength=U * k).reshape(U, k)
+                w = wsum[:, p.chunk]  # [U, P]
+            else:
+                w = np.bincount(inv, weights=isz, minlength=U)[:, None] * p.numel[None, :]
+            # float64 sums of integral byte counts below 2**53 are exact: the order does not matter
+            read += np.bincount(p.rank, weights=w.sum(axis=0), minlength=R)
+            files = kfile[reps][:, p.chunk]  # [U, P]
+            saving = krank[reps][:, p.chunk].astype(np.int64) + 1
+            ranks_up = np.broadcast_to(p.rank[None, :], files.shape)
+            traffic += np.bincount((saving * R + ranks_up).ravel(), weights=w.ravel(), minlength=nsave * R)
+            ok = files >= 0
+            file_bytes += np.bincount(files[ok], weights=w[ok], minlength=nf)
+            touched[files[ok], ranks_up[ok]] = True
+        traffic = traffic.reshape(nsave, R)
         # bytes items: every rank reads each one (whole)
         for fqn, e, gid in self._order:
             if gid is None and e >= 0:
@@ -535,12 +562,12 @@ class LoadPlan:
                 read += ln
                 if f >= 0:
                     file_bytes[f] += ln * R
-                    file_ranks[f].update(range(R))
-                    for r in range(R):
-                        rank_files[r].add(f)
+                    touched[f, :] = True
                 # bytes items have no saving-rank row: the file's rank
                 sr = int(c.rank[np.flatnonzero(c.file == f)[0]]) + 1 if f >= 0 and (c.file == f).any() else 0
                 traffic[sr] += ln
+        rank_files = [set(np.flatnonzero(touched[:, r]).tolist()) for r in range(R)]
+        file_ranks = [set(np.flatnonzero(touched[f]).tolist()) for f in range(nf)]
         return dict(items=items, needed=needed, read=read, rank_files=rank_files, file_bytes=file_bytes,
                     file_ranks=file_ranks, traffic=traffic)  # fmt: skip
 
@@ -809,7 +836,9 @@ def simulate_load(
         if s is None:
             a, b = int(index.chunk_start[e]), int(index.chunk_start[e + 1])
             ca, cb = int(c.coord_start[a]), int(c.coord_start[b])
-            s = c.offsets[ca:cb].tobytes() + b"|" + c.sizes[ca:cb].tobytes()
+            # the chunk count first: 0-d chunks have no coordinates, so offsets/sizes alone
+            # would put a 0-d tensor with k chunks in the group of one with a different k
+            s = f"{b - a}|".encode() + c.offsets[ca:cb].tobytes() + b"|" + c.sizes[ca:cb].tobytes()
             sig_cache[e] = s
         return s
 
