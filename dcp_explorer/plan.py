@@ -807,6 +807,18 @@ def simulate_load(
     if storage is None:
         storage = "whole_item" if index.format == "dcp" else "partial"
     problems: list[Problem] = []
+    md_files = list(index.attrs.get("metadata_files") or [])
+    if index.format == "dcp" and md_files and ".metadata" not in md_files:
+        ranks_with = sorted(int(f[2:].split(".")[0]) for f in md_files if f.startswith("__"))
+        problems.append(Problem("*", "per_rank_metadata", "warning",
+                                "saved with use_collectives=False: there is no global .metadata, so torch plans rank r "
+                                "against __r.metadata alone and each rank reads only what saving rank r wrote; this "
+                                "plan uses the merged view (simulate one rank's view with open(path, rank=r))"))  # fmt: skip
+        missing = [r for r in range(m.size) if r not in ranks_with]
+        if missing and len(ranks_with) > 1:  # a merged view (one rank's view is the user's choice)
+            problems.append(Problem("*", "per_rank_metadata", "error",
+                                    f"no __r.metadata for loading rank(s) {missing[:8]}{'...' if len(missing) > 8 else ''}:"
+                                    " torch finds no metadata for them and fails"))  # fmt: skip
     lookup = {f: i for i, f in enumerate(index.fqns)}
     # what is loaded, in dcp.load's order
     wanted: list[tuple[str, str, Any]] = []  # (fqn as loaded, checkpoint fqn, expected value or None)
