@@ -280,6 +280,18 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
     boff[r] = o[tens]
     blen[r] = ln[tens]
     tcol[r] = tid[tens]
+    if not seen.all():
+        # storage_data is keyed by (fqn, offset) only: chunks of a tensor with equal offsets
+        # (e.g. several 0-d chunks) share one stored item, which torch reads for each of them
+        stored: dict[tuple[int, bytes], int] = {}
+        ent_of = np.repeat(np.arange(len(fqns)), np.diff(chunk_start))
+        for row in np.flatnonzero(seen).tolist():
+            stored.setdefault((int(ent_of[row]), offsets[coord_start[row] : coord_start[row + 1]].tobytes()), row)
+        for row in np.flatnonzero(~seen).tolist():
+            src = stored.get((int(ent_of[row]), offsets[coord_start[row] : coord_start[row + 1]].tobytes()))
+            if src is not None:
+                file_col[row], boff[row], blen[row], tcol[row] = file_col[src], boff[src], blen[src], tcol[src]
+                seen[row] = True
     missing = int((~seen).sum())
     if missing:
         first = int(np.flatnonzero(~seen)[0])
