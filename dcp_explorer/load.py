@@ -59,7 +59,7 @@ def select(index: CheckpointIndex, selection: Any) -> list[str]:
         if isinstance(s, re.Pattern) or (isinstance(s, str) and s.startswith("re:")):
             rx = s if isinstance(s, re.Pattern) else re.compile(s[3:])
             hits = [f for f in names if rx.search(f)]
-        elif isinstance(s, str) and _GLOB.search(s) and s not in index.__dict__.get("_lookup", {}):
+        elif isinstance(s, str) and _GLOB.search(s) and not _is_name(index, s):
             hits = [f for f in names if fnmatch.fnmatchcase(f, s)]
         else:
             try:
@@ -75,6 +75,15 @@ def select(index: CheckpointIndex, selection: Any) -> list[str]:
             raise KeyError(f"{s!r} matches no entry of the checkpoint")
         out.update(dict.fromkeys(hits))
     return list(out)
+
+
+def _is_name(index: CheckpointIndex, s: str) -> bool:
+    """Whether ``s`` is an entry's exact name (names may contain ``*?[``: then they are not patterns)."""
+    try:
+        index.entry_index(s)
+    except KeyError:
+        return False
+    return True
 
 
 def parse_slices(spec: Any, shape: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -362,7 +371,13 @@ class Loader:
         c = idx.chunks
         nd = len(shape_out)
         filled = 0
-        for row in range(int(idx.chunk_start[e]), int(idx.chunk_start[e + 1])):
+        first, last = int(idx.chunk_start[e]), int(idx.chunk_start[e + 1])
+        # boxes already copied: a chunk inside one of them (a replicated copy, e.g. every rank's own
+        # copy in per-rank metadata) is not read again; a partial overlap makes ``filled`` overcount
+        seen_lo = np.empty((last - first, nd), np.int64)
+        seen_hi = np.empty((last - first, nd), np.int64)
+        nseen, overlap = 0, False
+        for row in range(first, last):
             ca = int(c.coord_start[row])
             co = c.offsets[ca : ca + nd]
             cs = c.sizes[ca : ca + nd]
@@ -370,11 +385,23 @@ class Loader:
             hi = np.minimum(b_req, co + cs)
             if nd and (hi <= lo).any():
                 continue
+            if nseen:
+                sl, sh = seen_lo[:nseen], seen_hi[:nseen]
+                if ((sl <= lo).all(axis=1) & (hi <= sh).all(axis=1)).any():
+                    continue
+                overlap = overlap or bool((np.maximum(sl, lo) < np.minimum(sh, hi)).all(axis=1).any())
             ch = self.chunk_source(row)
             src_sl = tuple(slice(int(x), int(y)) for x, y in zip(lo - co, hi - co))
             dst_sl = tuple(slice(int(x), int(y)) for x, y in zip(lo - a_req, hi - a_req))
             self._copy(ch, idx.files[int(c.file[row])], src_sl, out[dst_sl] if nd else out)
             filled += int(np.prod(hi - lo)) if nd else 1
+            seen_lo[nseen], seen_hi[nseen] = lo, hi
+            nseen += 1
+        if overlap:  # count covered elements exactly
+            mask = np.zeros(shape_out, bool)
+            for x, y in zip(seen_lo[:nseen] - a_req, seen_hi[:nseen] - a_req):
+                mask[tuple(slice(int(i), int(j)) for i, j in zip(x, y))] = True
+            filled = int(mask.sum())
         if filled < int(np.prod(shape_out)):
             raise MetadataError(f"the chunks of {fqn!r} cover {filled} of the {int(np.prod(shape_out))} requested "
                                 "elements: the checkpoint has holes", path=self.ckpt.path)  # fmt: skip
@@ -518,8 +545,10 @@ def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
 def _to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.ndim else torch.from_numpy(np.array(arr))
     target = getattr(torch, dtype)
+    if arr.size == 0:  # torch.from_numpy gives empty tensors stride 0, which .view(<other itemsize>) rejects
+        return torch.empty(arr.shape, dtype=target)
+    t = torch.from_numpy(np.ascontiguousarray(arr)) if arr.ndim else torch.from_numpy(np.array(arr))
     if t.dtype != target:
         t = t.view(target)
     return t
@@ -537,7 +566,8 @@ def load(
     max_bytes: int | None = None,
 ) -> Any:
     """See :meth:`dcp_explorer.checkpoint.Checkpoint.load`."""
-    single = isinstance(selection, str) and not _GLOB.search(selection) and not selection.startswith("re:")
+    single = isinstance(selection, str) and not selection.startswith("re:") and (
+        not _GLOB.search(selection) or _is_name(ckpt.index, selection))
     names = select(ckpt.index, selection)
     idx = ckpt.index
     if max_bytes is not None:

@@ -81,8 +81,8 @@ def dequantize_region(loader: Loader, e: int, starts: Sequence[int], stops: Sequ
         r1, c1 = int(stops[0]), int(stops[1])
         raw = loader.read_region(fqn, [r0, c0], [r1, c1])
         w = _fp8_to_float32(raw, idx.dtypes[e] or "float8_e4m3fn")
-        if r1 <= r0 or c1 <= c0:
-            return torch.from_numpy(w)
+        if r1 <= r0 or c1 <= c0:  # not from_numpy: that gives an empty tensor stride 0, which .view() rejects
+            return torch.zeros(w.shape, dtype=torch.float32)
         sb = [r0 // block[0], c0 // block[1]]
         se = [(r1 - 1) // block[0] + 1, (c1 - 1) // block[1] + 1]
         s = loader.read_region(q["partner"], sb, se).astype(np.float32, copy=False)

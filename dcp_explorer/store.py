@@ -84,9 +84,11 @@ class Store:
                 f"byte range [{start}, {start + length}) lies past the end of the file ({size} bytes)",
                 path=self.display(name),
             )
-        with self.open(name) as f:
-            f.seek(start)
-            data = f.read(length)
+        try:
+            # one ranged request (fsspec file objects would read ahead in large blocks)
+            data = self.fs.cat_file(self.full_path(name), start=start, end=start + length) if length else b""
+        except FileNotFoundError as e:
+            raise ChunkFileMissing("file does not exist", path=self.display(name)) from e
         if len(data) != length:
             raise ByteRangeError(
                 f"read {len(data)} bytes at {start}, expected {length}", path=self.display(name)

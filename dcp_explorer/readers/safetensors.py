@@ -32,6 +32,7 @@ __all__ = [
 SUFFIX = ".safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_HEADER = 100_000_000  # safetensors' own limit
+HEADER_PROBE = 16 << 10  # first read of a file: covers the header of most shards (else one more read)
 #: safetensors dtype code -> torch dtype name
 SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -60,22 +61,22 @@ def read_header(store: Store, name: str) -> tuple[dict[str, Any], int]:
     """
     where = store.display(name)
     size = store.size(name)
-    with store.open(name) as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsHeaderError(
-                f"file is {size} bytes, too short for the 8-byte safetensors header length", path=where
-            )
-        n = int.from_bytes(head, "little")
-        if n > size - 8 or n > MAX_HEADER:
-            raise SafetensorsHeaderError(
-                f"header length {n} runs past the end of the file ({size} bytes; at most "
-                f"{min(size - 8, MAX_HEADER)} possible): truncated or not a safetensors file",
-                path=where,
-            )
-        raw = f.read(n)
-    if len(raw) != n:
-        raise SafetensorsHeaderError(f"read {len(raw)} header bytes, expected {n}", path=where)
+    if size < 8:
+        raise SafetensorsHeaderError(
+            f"file is {size} bytes, too short for the 8-byte safetensors header length", path=where
+        )
+    # one ranged request usually covers the whole header (no read-ahead of tensor data)
+    first = store.read_range(name, 0, min(size, HEADER_PROBE))
+    n = int.from_bytes(first[:8], "little")
+    if n > size - 8 or n > MAX_HEADER:
+        raise SafetensorsHeaderError(
+            f"header length {n} runs past the end of the file ({size} bytes; at most "
+            f"{min(size - 8, MAX_HEADER)} possible): truncated or not a safetensors file",
+            path=where,
+        )
+    raw = first[8 : 8 + n]
+    if len(raw) < n:
+        raw += store.read_range(name, len(first), 8 + n - len(first))
     return parse_header(raw, size, where), 8 + n
 
 
