@@ -27,6 +27,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
+    from .diff import CheckpointDiff
     from .plan import LoadPlan
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "__version__",
     "open",
     "simulate_load",
+    "diff",
     "Checkpoint",
     "LoadPlan",
     "DcpExplorerError",
@@ -120,6 +122,23 @@ def simulate_load(ckpt: Any, mesh: Any = 1, placements: Any = None, **kwargs: An
     if isinstance(ckpt, (str, os.PathLike)):
         ckpt = open(ckpt)
     return _simulate(ckpt, mesh, placements, **kwargs)
+
+
+def diff(a: Any, b: Any, **kwargs: Any) -> CheckpointDiff:
+    """Compare two checkpoints (structure, then values, streaming); see :func:`dcp_explorer.diff.diff`.
+
+    ``a`` and ``b`` may be paths (DCP, safetensors/HF, ``torch.save`` files), opened
+    :class:`Checkpoint` objects or state dicts. Importing the submodule ``dcp_explorer.diff``
+    makes this attribute the module, which is callable the same way.
+
+    Examples
+    --------
+    >>> d = dcp_explorer.diff("/ckpt/step-1000", "/ckpt/step-2000", atol=1e-6)   # doctest: +SKIP
+    >>> d.equal, d.table.query("status == 'different'")                          # doctest: +SKIP
+    """
+    from .diff import diff as _diff
+
+    return _diff(a, b, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -176,6 +176,12 @@ class Checkpoint:
         return export(self, selection, out, format=format, dtype=dtype, rename=rename, dequantize=dequantize,
                       max_shard_size=max_shard_size, progress=progress)  # fmt: skip
 
+    def diff(self, other: Any, **kwargs: Any) -> Any:
+        """Compare with another checkpoint (this one is A); see :func:`dcp_explorer.diff.diff`."""
+        from .diff import diff
+
+        return diff(self, other, **kwargs)
+
     # -- tables ---------------------------------------------------------------------------
     @cached_property
     def tensors(self) -> pd.DataFrame:
@@ -197,6 +203,27 @@ class Checkpoint:
         from .tables import files_table
 
         return files_table(self.index, self.file_sizes())
+
+    @cached_property
+    def quant(self) -> pd.DataFrame:
+        """One row per quantized tensor (FP8 block-wise, MXFP4): shapes, bytes, scale statistics, problems.
+
+        Cheap: reads the scale tensors, never the weights (see :meth:`quant_check` for that). See
+        :func:`dcp_explorer.quant.quant_table` for the columns.
+        """
+        from .quant import quant_table
+
+        return quant_table(self)
+
+    def quant_check(self, names: Any = None, *, full: bool = True, dtype: Any = None,
+                    progress: bool | None = None) -> pd.DataFrame:  # fmt: skip
+        """:attr:`quant` plus a scan of the weights (all-zero blocks, NaN codes, overflow), slab by slab.
+
+        See :func:`dcp_explorer.quant.quant_check`.
+        """
+        from .quant import quant_check
+
+        return quant_check(self, names, full=full, dtype=dtype, progress=progress)
 
     def modules(self, depth: int = 2) -> pd.DataFrame:
         """Bytes and parameter counts by fqn prefix; see :func:`dcp_explorer.tables.modules_table`."""

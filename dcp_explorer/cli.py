@@ -1,4 +1,4 @@
-"""Command line: ``dcp-explorer info | samples | demo``.
+"""Command line: ``dcp-explorer info | plan | load | export | diff | samples | demo``.
 
 Exit status: 0 on success, 2 on an error (the message names the file and the problem).
 """
@@ -163,6 +163,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_diff(a: argparse.Namespace) -> int:
+    from .diff import run_cli
+
+    return run_cli(a)
+
+
 def _cmd_samples(a: argparse.Namespace) -> int:
     from .samples import DESCRIPTIONS, make_samples
 
@@ -170,6 +176,47 @@ def _cmd_samples(a: argparse.Namespace) -> int:
     for name, p in paths.items():
         print(f"{name:<20} {p}   {DESCRIPTIONS.get(name, '')}")
     return 0
+
+
+def find_notebooks() -> str | None:
+    """The ``notebooks/`` folder: in the working directory, or beside the installed package (a clone)."""
+    import os
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for cand in (os.path.join(os.getcwd(), "notebooks"), os.path.join(here, "notebooks")):
+        if os.path.isdir(cand) and any(f.endswith(".ipynb") for f in os.listdir(cand)):
+            return cand
+    return None
+
+
+def _cmd_lab(a: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import subprocess
+
+    from .samples import make_samples
+
+    paths = make_samples()
+    print(f"{len(paths)} sample checkpoints ready in {next(iter(paths.values())).parent}")
+    nb = a.notebooks or find_notebooks()
+    if nb is None:
+        print("dcp-explorer: error: no notebooks/ folder found (run from a clone of the repository, or pass "
+              "--notebooks DIR)", file=sys.stderr)  # fmt: skip
+        return 2
+    exe = shutil.which("jupyter")
+    if exe is None:
+        print("dcp-explorer: error: jupyter is not installed (pip install jupyterlab)", file=sys.stderr)
+        return 2
+    cmd = [exe, "lab", f"--notebook-dir={nb}", f"--ServerApp.port={a.port}", f"--ServerApp.ip={a.ip}"]
+    if a.no_browser:
+        cmd.append("--no-browser")
+    if getattr(os, "geteuid", lambda: 1)() == 0:  # JupyterLab refuses to run as root without it
+        cmd.append("--allow-root")
+    cmd += a.extra
+    print("starting:", " ".join(cmd))
+    if a.dry_run:
+        return 0
+    return subprocess.call(cmd)
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -238,11 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-shard-size", default="5", help="GiB per safetensors file (default 5)")
     ex.set_defaults(func=_cmd_export)
 
+    from .diff import add_arguments as _diff_arguments
+
+    df = sub.add_parser("diff", help="compare two checkpoints (exit 0 equal within tolerance, 1 different, 2 error)")
+    _diff_arguments(df)
+    df.set_defaults(func=_cmd_diff)
+
     s = sub.add_parser("samples", help="write the sample checkpoints (real multi-process torch saves)")
     s.add_argument("out_dir", nargs="?", default=None, help="where (default: the user cache)")
     s.add_argument("--names", nargs="*", help="only these samples")
     s.add_argument("--force", action="store_true", help="rewrite even if present")
     s.set_defaults(func=_cmd_samples)
+
+    lb = sub.add_parser("lab", help="make the samples if missing and start JupyterLab on the notebooks")
+    lb.add_argument("--notebooks", help="folder of notebooks (default: ./notebooks or the clone's)")
+    lb.add_argument("--port", type=int, default=8888)
+    lb.add_argument("--ip", default="127.0.0.1")
+    lb.add_argument("--no-browser", action="store_true")
+    lb.add_argument("--dry-run", action="store_true", help="make the samples and print the command only")
+    lb.add_argument("extra", nargs=argparse.REMAINDER, help="further arguments for jupyter lab")
+    lb.set_defaults(func=_cmd_lab)
 
     d = sub.add_parser("demo", help="make the samples if missing and show a few of them")
     d.add_argument("--out-dir", default=None)

@@ -500,7 +500,7 @@ class Loader:
 
             shape = tuple(q["logical_shape"])
             starts, stops, steps, squeeze = parse_slices(slices, shape)
-            t = dequantize_region(self, e, starts, stops)
+            t = dequantize_region(self, e, starts, stops, dtype=dtype)
         else:
             shape = _stored_shape(idx, e, None) if q is not None else tuple(idx.shapes[e])
             starts, stops, steps, squeeze = parse_slices(slices, shape)

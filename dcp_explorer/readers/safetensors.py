@@ -27,6 +27,7 @@ __all__ = [
     "parse_header",
     "read_header",
     "detect_quantization",
+    "find_quant_orphans",
 ]
 
 SUFFIX = ".safetensors"
@@ -196,6 +197,76 @@ def detect_quantization(
     return out
 
 
+def find_quant_orphans(
+    fqns: tuple[str, ...],
+    shapes: list[tuple[int, ...]],
+    dtypes: list[str | None],
+    weight_map: dict[str, str],
+    pairs: dict[int, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Quantized-looking tensors that :func:`detect_quantization` could not pair (health checks).
+
+    Looks at every tensor of the files (not only the index's ``weight_map``): an FP8 ``X.weight``
+    without ``X.weight_scale_inv``, a uint8 ``Y_blocks`` without ``Y_scales``, a lone
+    ``weight_scale_inv`` or uint8 ``_scales``, and pairs present in the files that the index does not
+    list (or there is no index): torch's ``QuantizedHuggingFaceStorageReader`` does not dequantize
+    those, and neither does ``ckpt.load``.
+
+    Returns
+    -------
+    list of dict
+        One per orphan, with keys ``fqn``, ``format`` (``"fp8_block"`` / ``"mxfp4"``), ``partner``
+        (the partner's expected name), ``code`` (``"missing_partner"`` / ``"not_in_index"``),
+        ``message``, ``stored_shape``, ``stored_dtype``.
+    """
+    pos = {f: i for i, f in enumerate(fqns)}
+    paired = {i for i in pairs} | {pos[q["partner"]] for q in pairs.values() if q["partner"] in pos}
+    why = "there is no model.safetensors.index.json" if not weight_map else f"{INDEX}'s weight_map does not list both"
+    out: list[dict[str, Any]] = []
+
+    def add(i: int, fmt: str, partner: str, code: str, message: str) -> None:
+        out.append(dict(fqn=fqns[i], format=fmt, partner=partner, code=code, message=message,
+                        stored_shape=tuple(shapes[i]), stored_dtype=dtypes[i]))  # fmt: skip
+
+    for i, name in enumerate(fqns):
+        if i in paired:
+            continue
+        dt = dtypes[i] or ""
+        if name.endswith(".weight") and dt.startswith("float8"):
+            partner = name + "_scale_inv"
+            if partner in pos:
+                add(i, "fp8_block", partner, "not_in_index",
+                    f"{partner} is in the files but {why}: torch's quantized reader (and ckpt.load) return the "
+                    "raw FP8 values, not multiplied by the scales")  # fmt: skip
+            elif name + "_scale" not in pos:  # X.weight_scale: per-tensor/channel FP8, another convention
+                listed = " (the index lists it, but no file holds it)" if partner in weight_map else ""
+                add(i, "fp8_block", partner, "missing_partner",
+                    f"{dt} weight without its scale {partner}{listed}: its values are the raw FP8 codes, "
+                    "off by the missing per-block scale")  # fmt: skip
+        elif name.endswith(".weight_scale_inv"):
+            w = name[: -len("_scale_inv")]
+            if w not in pos:
+                add(i, "fp8_block", w, "missing_partner", f"scale without its weight {w}")
+            elif not (dtypes[pos[w]] or "").startswith("float8"):
+                add(i, "fp8_block", w, "not_in_index",
+                    f"{w} is in the files but {why}: it is not dequantized")  # fmt: skip
+        elif name.endswith("_blocks") and dt == "uint8" and len(shapes[i]) >= 2:
+            partner = name[: -len("_blocks")] + "_scales"
+            if partner in pos:
+                add(i, "mxfp4", partner, "not_in_index",
+                    f"{partner} is in the files but {why}: torch's quantized reader (and ckpt.load) return the "
+                    "packed uint8 blocks, not values")  # fmt: skip
+            else:
+                listed = " (the index lists it, but no file holds it)" if partner in weight_map else ""
+                add(i, "mxfp4", partner, "missing_partner",
+                    f"MXFP4 blocks without their scales {partner}{listed}: they cannot be dequantized")
+        elif name.endswith("_scales") and dt == "uint8":
+            b = name[: -len("_scales")] + "_blocks"
+            if b not in pos:
+                add(i, "mxfp4", b, "missing_partner", f"MXFP4 scales without their blocks {b}")
+    return out
+
+
 def _fp8_block(w: tuple[int, ...], s: tuple[int, ...]) -> tuple[int, ...] | None:
     """Block size (per dim) that maps weight shape ``w`` onto scale shape ``s``; None if none fits."""
     if len(w) != len(s):
@@ -318,6 +389,12 @@ class SafetensorsReader(BackendEntrypoint):
                 warnings.append(
                     f"{len(missing)} name(s) of {INDEX} are in no safetensors header, e.g. {missing[0]!r}"
                 )
+        orphans = find_quant_orphans(fqns, tshapes, dtypes, weight_map, quant)
+        if orphans:
+            warnings.append(
+                f"{len(orphans)} quantized-looking tensor(s) cannot be dequantized, e.g. {orphans[0]['fqn']!r}: "
+                f"{orphans[0]['message']} (see ckpt.quant)"
+            )
         for i, q in quant.items():  # torch reports the dequantized size
             tshapes[i] = tuple(q["logical_shape"])
         fmt = "safetensors"
@@ -335,7 +412,8 @@ class SafetensorsReader(BackendEntrypoint):
             chunks=chunks,
             files=tuple(files),
             quant=quant,
-            attrs={"file_metadata": file_meta, "weight_map": weight_map, "index_file": INDEX if weight_map else None},
+            attrs={"file_metadata": file_meta, "weight_map": weight_map, "index_file": INDEX if weight_map else None,
+                   "quant_orphans": orphans},  # fmt: skip
             warnings=tuple(warnings),
         )
 

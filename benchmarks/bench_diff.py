@@ -1,0 +1,241 @@
+"""Diffing two >= 1 GiB checkpoints: throughput against reading both raw, and peak RSS.
+
+Builds (once, cached under ``~/.cache/dcp_explorer_bench``) three checkpoints of ``--tensors``
+float32 tensors of ``--mib`` MiB each (default 8 x 128 MiB = 1 GiB each), with torch's own writers:
+
+* ``A``: ``dcp.save(no_dist=True)`` (one ``__0_0.distcp``);
+* ``same``: the same values written as safetensors (``safetensors.torch.save_file``), so the
+  comparison crosses formats (DCP zip items vs raw safetensors bytes) and every value is equal;
+* ``step``: ``A + 1e-3 * randn`` written by ``dcp.save``: every element differs (a training step,
+  the worst case: full float64 statistics everywhere).
+
+Reads every file once so the page cache is warm, then measures, each in a fresh process,
+``--repeat`` rounds interleaved (best time kept, highest peak RSS kept):
+
+* ``raw``: ``np.fromfile`` of every file of both checkpoints (new memory, as in
+  ``bench_load.py``): the reference throughput;
+* ``raw, one 32 MiB buffer``: ``readinto`` of both checkpoints into one reused buffer (what a
+  bounded-memory reader can do at best);
+* ``dcp_explorer.diff(A, same)`` and ``dcp_explorer.diff(A, step)`` with the default
+  ``block_bytes`` (32 MiB).
+
+Throughput = bytes of both checkpoints / seconds. Target: diff / raw >= 0.5x; peak RSS of the diff
+process (``VmHWM``, from process start, imports included) <= 512 MiB. With ``--nproc 2`` the ``step``
+diff is also run split over two local gloo processes (``run_distributed``): the time inside the job
+(after the workers started and joined the process group) and the wall time, torch imports included.
+
+    python benchmarks/bench_diff.py [--tensors 8 --mib 128 --repeat 3 --nproc 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+COMMON = """
+import json, os, sys, time, warnings
+warnings.simplefilter("ignore")
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+def rchar():
+    for line in open("/proc/self/io"):
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+"""
+
+RAW = COMMON + """
+import numpy as np
+mode, dirs = sys.argv[1], sys.argv[2:]
+files = [os.path.join(d, n) for d in dirs for n in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, n))]
+r0 = rchar(); t = time.perf_counter()
+at = 0
+if mode == "fromfile":
+    bufs = [np.fromfile(f, np.uint8) for f in files]
+    at = sum(b.size for b in bufs)
+else:  # one reused 32 MiB buffer
+    buf = np.empty(32 << 20, np.uint8)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while k := fh.readinto(memoryview(buf)):
+                at += k
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": dt, "bytes": at, "rchar": rchar() - r0, "peak_rss": peak_rss()}))
+"""
+
+OURS = COMMON + """
+import dcp_explorer
+a, b = sys.argv[1], sys.argv[2]
+r0 = rchar(); t = time.perf_counter()
+d = dcp_explorer.diff(a, b, progress=False)
+dt = time.perf_counter() - t
+s = d.summary()
+print(json.dumps({"seconds": dt, "bytes_read": d.bytes_read, "rchar": rchar() - r0, "peak_rss": peak_rss(),
+                  "status": s["status"], "equal": d.equal, "torch": "torch" in sys.modules,
+                  "max_abs_diff": max(r.max_abs_diff for r in d.rows)}))
+"""
+
+DIST = COMMON + """
+from dcp_explorer.diff import run_distributed
+a, b, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t = time.perf_counter()
+d = run_distributed(a, b, n)
+dt = time.perf_counter() - t
+print(json.dumps({"seconds": d.seconds, "wall": dt, "bytes_read": d.bytes_read, "peak_rss": peak_rss(),
+                  "status": d.summary()["status"], "world_size": d.world_size}))
+"""
+
+BUILD = """
+import os, sys, json, warnings
+warnings.simplefilter("ignore")
+import torch, torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+root, n, rows, cols = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+g = torch.Generator().manual_seed(0)
+names = [f"layers.{i}.weight" for i in range(n)]
+sd = {k: torch.randn(rows, cols, generator=g) for k in names}
+dcp.save(sd, checkpoint_id=os.path.join(root, "A"), no_dist=True)
+os.makedirs(os.path.join(root, "same"))
+save_file(sd, os.path.join(root, "same", "model.safetensors"))
+for k in names:
+    sd[k].add_(torch.randn(rows, cols, generator=g), alpha=1e-3)
+dcp.save(sd, checkpoint_id=os.path.join(root, "step"), no_dist=True)
+print(json.dumps(names))
+"""
+
+
+def _torch_version() -> str:
+    from importlib.metadata import version
+
+    return version("torch")
+
+
+def build(root: Path, n: int, mib: int) -> Path:
+    """The cached trio of checkpoints (built if missing)."""
+    cols = 8192
+    rows = (mib << 20) // (cols * 4)
+    key = hashlib.sha256(f"bench_diff|1|{_torch_version()}|{n}|{rows}|{cols}".encode()).hexdigest()[:8]
+    d = root / f"diff_{n}x{mib}MiB_{key}"
+    if not (d / "keys.json").exists():
+        tmp = root / f".{d.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", BUILD, str(tmp), str(n), str(rows), str(cols)],
+                             capture_output=True, text=True, check=False)  # fmt: skip
+        if out.returncode != 0:
+            raise SystemExit(f"building the checkpoints failed:\n{out.stderr}")
+        (tmp / "keys.json").write_text(out.stdout.strip().splitlines()[-1])
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+        print(f"built {d} in {time.perf_counter() - t:.1f} s")
+    return d
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
+
+
+def warm(*dirs: Path) -> None:
+    """Read every file once (page cache warm)."""
+    buf = bytearray(16 << 20)
+    for d in dirs:
+        for p in sorted(d.iterdir()):
+            if p.is_file():
+                with open(p, "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+
+
+def run(code: str, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("DCP_EXPLORER_CACHE", str(Path.home() / ".cache" / "dcp_explorer_bench" / "parse-cache"))
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"benchmark step failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(steps: dict[str, tuple[str, ...]], repeat: int) -> dict[str, dict]:
+    """Each step ``repeat`` times, a fresh process per run, rounds interleaved; fastest kept, highest RSS kept."""
+    runs: dict[str, list[dict]] = {k: [] for k in steps}
+    for _ in range(repeat):
+        for name, (code, *args) in steps.items():
+            runs[name].append(run(code, *args))
+    out = {}
+    for name, rs in runs.items():
+        r = dict(min(rs, key=lambda r: r["seconds"]))
+        r["all_seconds"] = [x["seconds"] for x in rs]
+        r["peak_rss"] = max(x["peak_rss"] for x in rs)
+        out[name] = r
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tensors", type=int, default=8)
+    ap.add_argument("--mib", type=int, default=128, help="size of each float32 tensor")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--nproc", type=int, default=0, help="also run the 'step' diff on this many local processes")
+    ap.add_argument("--root", default=str(Path.home() / ".cache" / "dcp_explorer_bench"))
+    a = ap.parse_args()
+
+    d = build(Path(a.root), a.tensors, a.mib)
+    A, same, step = d / "A", d / "same", d / "step"
+    warm(A, same, step)
+    sizes = {n: dir_bytes(p) for n, p in (("A", A), ("same", same), ("step", step))}
+    print(f"checkpoints in {d} (page cache warmed): " + ", ".join(f"{n} {v / 2**30:.3f} GiB" for n, v in sizes.items()))
+    steps = {
+        "raw same": (RAW, "fromfile", str(A), str(same)),
+        "raw same 32MiB": (RAW, "buffer", str(A), str(same)),
+        "diff same": (OURS, str(A), str(same)),
+        "raw step": (RAW, "fromfile", str(A), str(step)),
+        "raw step 32MiB": (RAW, "buffer", str(A), str(step)),
+        "diff step": (OURS, str(A), str(step)),
+    }
+    m = measure(steps, a.repeat)
+    gib, mib = 1 << 30, 1 << 20
+    print(f"\n{'':40}{'time (s)':>10}{'GB/s':>8}{'read (MiB)':>12}{'peak RSS (MiB)':>16}")
+    for name, r in m.items():
+        total = sizes["A"] + sizes[name.split()[1]]
+        read = r.get("bytes_read", r.get("bytes"))
+        print(f"{name:40}{r['seconds']:>10.3f}{total / r['seconds'] / 1e9:>8.2f}{read / mib:>12.1f}"
+              f"{r['peak_rss'] / mib:>16.1f}")  # fmt: skip
+    runs = [f"{n} " + "/".join(f"{s:.3f}" for s in r["all_seconds"])
+            + f" (median {statistics.median(r['all_seconds']):.3f})" for n, r in m.items()]  # fmt: skip
+    print("runs (s): " + "; ".join(runs))
+    ok_all = True
+    for case in ("same", "step"):
+        ours, raw, raw_b = m[f"diff {case}"], m[f"raw {case}"], m[f"raw {case} 32MiB"]
+        ratio = raw["seconds"] / ours["seconds"]
+        ratio_b = raw_b["seconds"] / ours["seconds"]
+        rss_ok = ours["peak_rss"] <= 512 * mib
+        ok_all &= ratio >= 0.5 and rss_ok
+        print(f"\ndiff A vs {case}: {ours['status']}, equal={ours['equal']}, max|d|={ours['max_abs_diff']:.3g}, "
+              f"torch imported: {ours['torch']}")  # fmt: skip
+        print(f"  throughput diff/raw np.fromfile = {ratio:.2f}x (target >= 0.5x) {'OK' if ratio >= 0.5 else 'MISSED'}"
+              f"   [vs readinto one 32 MiB buffer: {ratio_b:.2f}x]")  # fmt: skip
+        print(f"  peak RSS {ours['peak_rss'] / mib:.0f} MiB (target <= 512 MiB) {'OK' if rss_ok else 'MISSED'};"
+              f" raw np.fromfile of both: {raw['peak_rss'] / gib:.2f} GiB")  # fmt: skip
+    if a.nproc > 1:
+        r = run(DIST, str(A), str(step), str(a.nproc))
+        total = sizes["A"] + sizes["step"]
+        print(f"\ndiff A vs step on {r['world_size']} local gloo processes: {r['seconds']:.3f} s in the job "
+              f"({total / r['seconds'] / 1e9:.2f} GB/s, {m['raw step']['seconds'] / r['seconds']:.2f}x raw), "
+              f"{r['wall']:.2f} s wall with process start and torch import; {r['status']}")  # fmt: skip
+    print("\nall targets met" if ok_all else "\nsome target MISSED")
+
+
+if __name__ == "__main__":
+    main()
