@@ -285,8 +285,17 @@ def _validate(index: CheckpointIndex, store: Store, strict: bool) -> list[str]:
         problems.append(str(exc))
 
     sizes = np.full(len(index.files), -1, np.int64)
+    root_real = os.path.realpath(store.root) if store.is_local else None
     for i, f in enumerate(index.files):
         _check_relative(f, store.display(f))
+        if root_real is not None:
+            real = os.path.realpath(store.full_path(f))
+            if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
+                raise MetadataError(
+                    f"data file {f!r} resolves to {real}, outside the checkpoint directory (a symlink?); "
+                    "refusing to read outside it",
+                    path=store.display(f),
+                )
         try:
             sizes[i] = store.size(f)
         except ChunkFileMissing:

@@ -283,3 +283,21 @@ def test_nothing_is_written_inside_the_checkpoint(samples, name, tmp_path):
     cache = tmp_path / "dcpx-cache"
     if ckpt.format == "dcp":
         assert ckpt.from_cache and list(cache.glob("*.npz")), "the parse cache belongs in $DCP_EXPLORER_CACHE"
+
+
+def test_symlinked_data_file_escaping_the_directory_is_refused(samples, tmp_path):
+    """A data file that is a symlink to a file outside the checkpoint is not read."""
+    import shutil
+
+    dst = tmp_path / "ck"
+    shutil.copytree(samples["mixed"], dst)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(str(dst / "__1_0.distcp"), str(outside / "x"))
+    (dst / "__1_0.distcp").symlink_to(outside / "x")
+    with pytest.raises(dcp_explorer.MetadataError, match="outside the checkpoint directory") as ei:
+        dcp_explorer.open(dst, cache=False)
+    assert "__1_0.distcp" in str(ei.value)
+    # a symlink to the whole checkpoint directory is fine
+    (tmp_path / "link").symlink_to(samples["mixed"])
+    assert len(dcp_explorer.open(tmp_path / "link", cache=False).fqns) == len(dcp_explorer.open(samples["mixed"]).fqns)
