@@ -213,10 +213,67 @@ def _cmd_lab(a: argparse.Namespace) -> int:
     if getattr(os, "geteuid", lambda: 1)() == 0:  # JupyterLab refuses to run as root without it
         cmd.append("--allow-root")
     cmd += a.extra
+    check = a.check or os.environ.get("CI", "").lower() == "true"
+    if check:
+        return _lab_check(cmd, nb)
     print("starting:", " ".join(cmd))
     if a.dry_run:
         return 0
     return subprocess.call(cmd)
+
+
+def _lab_check(cmd: list[str], notebooks: str, timeout: float = 120.0) -> int:
+    """Start JupyterLab headless on a free port, check it serves the notebooks and the lab page, stop it.
+
+    What ``dcp-explorer lab`` does under CI (``CI=true``) or with ``--check``: a server that never
+    ends cannot be a CI step, but whether it starts and serves the notebooks can.
+    """
+    import json
+    import os
+    import socket
+    import subprocess
+    import tempfile
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, JUPYTER_RUNTIME_DIR=os.path.join(tmp, "rt"), JUPYTER_CONFIG_DIR=os.path.join(tmp, "cfg"),
+                   JUPYTERLAB_WORKSPACES_DIR=os.path.join(tmp, "ws"))  # fmt: skip
+        cmd = [c for c in cmd if not c.startswith(("--ServerApp.port=", "--ServerApp.ip="))]
+        cmd += [f"--ServerApp.port={port}", "--ServerApp.ip=127.0.0.1", "--no-browser", "--ServerApp.token=",
+                "--ServerApp.password=", "--ServerApp.open_browser=False"]  # fmt: skip
+        print("checking:", " ".join(cmd))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/api/contents", timeout=5) as r:
+                        listing = json.load(r)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        err = proc.stderr.read() if proc.stderr else ""
+                        print(f"dcp-explorer: error: JupyterLab did not start:\n{err[-2000:]}", file=sys.stderr)
+                        return 2
+                    time.sleep(0.5)
+            names = sorted(x["name"] for x in listing.get("content", []) if x["name"].endswith(".ipynb"))
+            want = sorted(f for f in os.listdir(notebooks) if f.endswith(".ipynb"))
+            with urllib.request.urlopen(f"{base}/lab", timeout=30) as r:
+                page = r.read().decode("utf-8", "replace")
+            ok = names == want and "jupyter" in page.lower()
+            print(f"JupyterLab served {len(names)} notebooks at {base}/lab: {', '.join(names)}")
+            return 0 if ok else 2
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
@@ -303,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--ip", default="127.0.0.1")
     lb.add_argument("--no-browser", action="store_true")
     lb.add_argument("--dry-run", action="store_true", help="make the samples and print the command only")
+    lb.add_argument("--check", action="store_true",
+                    help="start the server headless, check it serves the notebooks, stop (the default when CI=true)")
     lb.add_argument("extra", nargs=argparse.REMAINDER, help="further arguments for jupyter lab")
     lb.set_defaults(func=_cmd_lab)
 

@@ -1,7 +1,7 @@
 """Pictures of checkpoints and load plans (matplotlib, ``ax=`` style, readable at 1,000 ranks).
 
-Every function takes ``ax=None`` (a new figure when omitted), draws, and returns the
-``Axes``; none calls ``plt.show()`` or touches global state.  Labels are drawn only where
+Every function takes ``ax=None`` (a new pyplot figure when omitted, so notebooks display it
+inline), draws, and returns the ``Axes``; none calls ``plt.show()`` or changes rcParams.  Labels are drawn only where
 they stay legible (few chunks); above that, colour and the colour bar carry the rank.
 """
 
@@ -33,12 +33,13 @@ MAX_LABELS = 48
 
 
 def _ax(ax: Axes | None, figsize: tuple[float, float] = (7, 4)) -> Axes:
+    """``ax``, or a new pyplot figure's axes (so a notebook shows it inline, as xarray does)."""
     if ax is not None:
         return ax
-    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
 
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig.add_subplot()
+    _fig, new = plt.subplots(figsize=figsize, layout="constrained")
+    return new
 
 
 def _fold(offsets: np.ndarray, sizes: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:

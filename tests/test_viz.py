@@ -16,12 +16,20 @@ from dcp_explorer import viz
 
 
 @pytest.fixture(autouse=True)
-def _no_pyplot_figures():
+def _close_figures():
     import matplotlib.pyplot as plt
 
-    before = set(plt.get_fignums())
     yield
-    assert set(plt.get_fignums()) == before, "a plot function created a pyplot figure"
+    plt.close("all")
+
+
+def test_given_axes_create_no_pyplot_figure(samples):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    plt.close("all")
+    viz.plot_chunk_map(dcp_explorer.open(samples["mixed"]), "model.grid", ax=Figure().add_subplot())
+    assert plt.get_fignums() == []
 
 
 def _collection(ax):
