@@ -18,8 +18,10 @@ from .errors import (
     ChunkFileMissing,
     DcpExplorerError,
     IndexFileError,
+    MemoryBudgetError,
     MetadataError,
     NotACheckpointError,
+    ReadTimeoutError,
     SafetensorsHeaderError,
     UnsafePickleError,
     UnsupportedError,
@@ -48,6 +50,8 @@ __all__ = [
     "SafetensorsHeaderError",
     "IndexFileError",
     "UnsupportedError",
+    "ReadTimeoutError",
+    "MemoryBudgetError",
 ]
 
 

@@ -15,6 +15,8 @@ __all__ = [
     "SafetensorsHeaderError",
     "IndexFileError",
     "UnsupportedError",
+    "ReadTimeoutError",
+    "MemoryBudgetError",
 ]
 
 
@@ -70,3 +72,11 @@ class IndexFileError(MetadataError):
 
 class UnsupportedError(DcpExplorerError, NotImplementedError):
     """The checkpoint uses a feature this version of dcp_explorer does not handle."""
+
+
+class ReadTimeoutError(DcpExplorerError, TimeoutError):
+    """A remote read got no answer in time (``$DCP_EXPLORER_TIMEOUT`` seconds, default 60)."""
+
+
+class MemoryBudgetError(DcpExplorerError, MemoryError):
+    """A load would allocate more than the memory budget (``max_bytes=``, ``$DCP_EXPLORER_MAX_LOAD_BYTES``)."""

@@ -279,32 +279,72 @@ def local_chunk(
     return tuple(shape), tuple(offsets)
 
 
+def _chunk_ranges(n: np.ndarray, k: int, i: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`chunk_range` over arrays: ``n`` int64 ``[R]``, ``i`` an int or int64 ``[R]``."""
+    full = -(-n // k)  # 0 when n == 0, as chunk_range
+    start = np.minimum(full * i, n)
+    return start, np.maximum(0, np.minimum(n, full * (i + 1)) - start)
+
+
+def _select_many(starts: np.ndarray, lens: np.ndarray, a: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_select` for every row at once: runs ``[R, M]`` (empty runs allowed), positions ``[a, a+n)``."""
+    pos = np.cumsum(lens, axis=1) - lens
+    lo = np.maximum(a[:, None], pos)
+    hi = np.minimum((a + n)[:, None], pos + lens)
+    return starts + lo - pos, np.maximum(hi - lo, 0)
+
+
 def all_local_chunks(global_shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Local shapes and global offsets of every rank of ``mesh``: two int64 arrays ``[ranks, ndim]``.
 
-    Ranks whose coordinates differ only on ``Replicate`` mesh dims share a result, so this
-    computes one chunk per distinct sharded coordinate and broadcasts.
+    The same answer as :func:`local_chunk` for each rank, computed for all ranks at once: each
+    tensor dim's index set is kept as runs ``[ranks, runs]`` (empty runs are carried along
+    instead of being dropped, which changes neither positions nor the first element).
     """
     m = parse_mesh(mesh)
     pls = parse_placements(placements)
     if len(pls) != m.ndim:
         raise ValueError(f"{len(pls)} placements for mesh {m} of {m.ndim} dims")
-    coords = m.coordinates()
-    sharded = [i for i, p in enumerate(pls) if not isinstance(p, Replicate)]
-    nd = len(global_shape)
-    sizes = np.empty((m.size, nd), np.int64)
-    offs = np.empty((m.size, nd), np.int64)
-    if not sharded:
-        sizes[:] = np.asarray(global_shape, np.int64)
-        offs[:] = 0
-        return sizes, offs
-    key = np.ravel_multi_index(coords[:, sharded].T, tuple(m.shape[i] for i in sharded))
-    uniq, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    us = np.empty((len(uniq), nd), np.int64)
-    uo = np.empty((len(uniq), nd), np.int64)
-    for j, r in enumerate(first.tolist()):
-        s, o = local_chunk(global_shape, m.shape, coords[r].tolist(), pls)
-        us[j], uo[j] = s, o
-    sizes[:] = us[inv]
-    offs[:] = uo[inv]
+    shape = [int(s) for s in global_shape]
+    nd = len(shape)
+    R = m.size
+    sizes = np.empty((R, nd), np.int64)
+    offs = np.zeros((R, nd), np.int64)
+    sizes[:] = np.asarray(shape, np.int64)
+    coords = None
+    runs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # dim -> (starts, lens), each [R, M]
+    for md, p in enumerate(pls):
+        if isinstance(p, Replicate):
+            continue
+        d = p.dim if p.dim >= 0 else p.dim + nd
+        if not 0 <= d < nd:
+            raise ValueError(f"placement {p} shards dim {p.dim} of a {nd}-d tensor")
+        if coords is None:
+            coords = m.coordinates()
+        k, i = int(m.shape[md]), coords[:, md]
+        if d not in runs:
+            runs[d] = (np.zeros((R, 1), np.int64), np.full((R, 1), shape[d], np.int64))
+        st, ln = runs[d]
+        size = ln.sum(axis=1)
+        if isinstance(p, StridedShard):
+            parts = []
+            for j in range(p.split_factor):
+                fs, fl = _chunk_ranges(size, p.split_factor, j)
+                ss, sl = _chunk_ranges(fl, k, i)
+                parts.append(_select_many(st, ln, fs + ss, sl))
+            st = np.concatenate([s for s, _ in parts], axis=1) if parts else np.zeros((R, 0), np.int64)
+            ln = np.concatenate([n for _, n in parts], axis=1) if parts else np.zeros((R, 0), np.int64)
+        else:
+            a, n = _chunk_ranges(size, k, i)
+            st, ln = _select_many(st, ln, a, n)
+        keep = ln.any(axis=0)  # drop runs empty on every rank (order kept)
+        runs[d] = (st[:, keep], ln[:, keep])
+    for d, (st, ln) in runs.items():
+        sizes[:, d] = ln.sum(axis=1)
+        if not ln.shape[1]:
+            offs[:, d] = shape[d]  # an empty index set's offset is the dim's size
+            continue
+        nonempty = ln > 0
+        first = st[np.arange(R), np.argmax(nonempty, axis=1)]
+        offs[:, d] = np.where(nonempty.any(axis=1), first, shape[d])
     return sizes, offs

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import math
+import os
 import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ByteRangeError, DcpExplorerError, MetadataError, UnsupportedError
-from .model import KIND_BYTES, CheckpointIndex
+from .errors import ByteRangeError, ChunkFileMissing, MemoryBudgetError, MetadataError, UnsupportedError
+from .model import KIND_BYTES, CheckpointIndex, itemsize
 from .readers._torchsave import TensorLayout, WindowFile, load_plain_object, tensor_layout
 
 if TYPE_CHECKING:
@@ -30,7 +31,20 @@ if TYPE_CHECKING:
 
     from .checkpoint import Checkpoint
 
-__all__ = ["Loader", "IOStats", "select", "parse_slices", "RAW_NUMPY"]
+__all__ = ["Loader", "IOStats", "select", "parse_slices", "RAW_NUMPY", "DEFAULT_MAX_LOAD_BYTES", "max_load_bytes"]
+
+#: Default memory budget of one ``load`` call (bytes of the results); ``$DCP_EXPLORER_MAX_LOAD_BYTES``
+#: overrides it, ``max_bytes=`` overrides both (``max_bytes=None``: no limit).
+DEFAULT_MAX_LOAD_BYTES = 8 << 30
+
+
+def max_load_bytes() -> int:
+    """The default memory budget of a load: ``$DCP_EXPLORER_MAX_LOAD_BYTES``, else :data:`DEFAULT_MAX_LOAD_BYTES`."""
+    env = os.environ.get("DCP_EXPLORER_MAX_LOAD_BYTES")
+    try:
+        return int(float(env)) if env else DEFAULT_MAX_LOAD_BYTES
+    except ValueError:
+        return DEFAULT_MAX_LOAD_BYTES
 
 #: numpy dtype holding the raw bits of each torch dtype (bf16/fp8 are reinterpreted by torch)
 RAW_NUMPY: dict[str, str] = {
@@ -177,20 +191,26 @@ class _Source:
         n = len(buf)
         if n == 0:
             return
-        with self.loader._lock:
-            f = self._file()
-            f.seek(offset)
-            got = 0
-            while got < n:
-                if hasattr(f, "readinto"):
-                    k = f.readinto(buf[got:])
-                else:
-                    data = f.read(n - got)
-                    k = len(data)
-                    buf[got : got + k] = data
-                if not k:
-                    break
-                got += k
+        from .store import _timeouts
+
+        with self.loader._lock, _timeouts(self.where):
+            try:
+                f = self._file()
+                f.seek(offset)
+                got = 0
+                while got < n:
+                    if hasattr(f, "readinto"):
+                        k = f.readinto(buf[got:])
+                    else:
+                        data = f.read(n - got)
+                        k = len(data)
+                        buf[got : got + k] = data
+                    if not k:
+                        break
+                    got += k
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+                raise ChunkFileMissing(f"cannot read the data file ({e.strerror or e}): deleted or replaced since "
+                                       "the checkpoint was opened?", path=self.where) from e  # fmt: skip
         self.loader.stats.add(self.name, got)
         if got != n:
             raise ByteRangeError(f"file ended after {offset + got} bytes, expected data up to {offset + n}",
@@ -331,13 +351,18 @@ class Loader:
             ch = self._from_layout(lay, sizes, dtype, 0, src, mem)
         else:
             lay = tensor_layout(_TailWindow(src, off, length), f"{src.where} (item at byte {off})")
-            ch = self._from_layout(lay, sizes, dtype, off, src, None)
+            ch = self._from_layout(lay, sizes, dtype, off, src, None, length)
         self.stats.items_opened += 1
         self._layouts[row] = ch
         return ch
 
     def _from_layout(self, lay: TensorLayout, sizes: tuple[int, ...], dtype: str, base: int, src: _Source,
-                     mem: bytes | None) -> _Chunk:  # fmt: skip
+                     mem: bytes | None, item_length: int | None = None) -> _Chunk:  # fmt: skip
+        end = len(mem) if mem is not None else item_length
+        if end is not None and lay.data_offset + lay.storage_nbytes > end:
+            raise MetadataError(f"the item's zip directory puts its tensor storage at bytes [{lay.data_offset}, "
+                                f"{lay.data_offset + lay.storage_nbytes}) of an item of {end} bytes: the zip "
+                                "directory is wrong (corrupt item?)", path=src.where)  # fmt: skip
         if lay.shape != sizes:
             raise MetadataError(f"stored item holds shape {list(lay.shape)}, the metadata says {list(sizes)}",
                                 path=src.where)  # fmt: skip
@@ -554,6 +579,33 @@ def _to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return t
 
 
+def _result_bytes(idx: CheckpointIndex, names: Sequence[str], slices: Any, dtype: Any, dequantize: bool) -> int:
+    """Bytes the results of a load take (sliced, cast, dequantized), bytes entries by their stored length."""
+    total = 0.0
+    for n in names:
+        e = idx.entry_index(n)
+        if idx.kinds[e] == KIND_BYTES:
+            loc = idx.bytes_items.get(e)
+            total += loc[2] if loc is not None else 0
+            continue
+        q = idx.quant.get(e)
+        if q is not None and dequantize:
+            shape, isz = tuple(q["logical_shape"]), 4.0
+        else:
+            shape = _stored_shape(idx, e, None) if q is not None else tuple(idx.shapes[e])
+            isz = itemsize(idx.dtypes[e])
+        if dtype is not None:
+            isz = itemsize(str(dtype).removeprefix("torch."))
+        sl = slices.get(n) if isinstance(slices, Mapping) else slices
+        if sl is None:
+            numel = math.prod(shape)
+        else:
+            starts, stops, steps, _ = parse_slices(sl, shape)
+            numel = math.prod(len(range(a, b, s)) for a, b, s in zip(starts, stops, steps))
+        total += numel * isz
+    return int(math.ceil(total))
+
+
 def load(
     ckpt: Checkpoint,
     selection: Any,
@@ -563,21 +615,23 @@ def load(
     dequantize: bool = True,
     trusted: bool = False,
     progress: bool | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int | str | None = "default",
 ) -> Any:
     """See :meth:`dcp_explorer.checkpoint.Checkpoint.load`."""
     single = isinstance(selection, str) and not selection.startswith("re:") and (
         not _GLOB.search(selection) or _is_name(ckpt.index, selection))
     names = select(ckpt.index, selection)
     idx = ckpt.index
+    if isinstance(max_bytes, str):
+        if max_bytes != "default":
+            raise ValueError(f"max_bytes must be an int, None or 'default', got {max_bytes!r}")
+        max_bytes = max_load_bytes()
     if max_bytes is not None:
-        from .tables import tensors_table
-
-        t = tensors_table(idx).set_index("fqn").loc[names]
-        total = int(t["nbytes"].sum())
-        if total > max_bytes and slices is None:
-            raise DcpExplorerError(f"selection is {total:,} bytes, more than max_bytes={max_bytes:,}: select fewer "
-                                   "tensors, pass slices=, or raise max_bytes", path=ckpt.path)  # fmt: skip
+        total = _result_bytes(idx, names, slices, dtype, dequantize)
+        if total > max_bytes:
+            raise MemoryBudgetError(f"selection is {total:,} bytes, more than max_bytes={max_bytes:,}: select fewer "
+                                    "tensors, pass slices=, or raise max_bytes (max_bytes=None: no limit; default "
+                                    "$DCP_EXPLORER_MAX_LOAD_BYTES or 8 GiB)", path=ckpt.path)  # fmt: skip
     loader = ckpt.loader
     results: dict[str, Any] = {}
     it: Iterable[str] = names

@@ -164,6 +164,29 @@ class ReadItemsPattern:
         return np.searchsorted(self.rank, np.arange(len(self.local_offsets) + 1), side="left")
 
 
+def _overlapping_on_dim(s0: np.ndarray, s1: np.ndarray, l0: np.ndarray, l1: np.ndarray,
+                        ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (rank, saved chunk) with ``l0[r] < s1[j]`` and ``s0[j] < l1[r]``, in no particular order.
+
+    When the saved intervals sorted by (start, end) also have sorted ends (no interval nested
+    in another with a different start: true of every DCP sharding), each rank's partners are
+    a contiguous run of that order, found by binary search; otherwise all pairs are tested.
+    """
+    perm = np.lexsort((s1, s0))
+    ends = s1[perm]
+    if len(ends) > 1 and not (np.diff(ends) >= 0).all():
+        m = (l0[ranks][:, None] < s1[None, :]) & (s0[None, :] < l1[ranks][:, None])
+        ri, j = np.nonzero(m)
+        return ranks[ri], j
+    hi = np.searchsorted(s0[perm], l1[ranks], side="left")  # starts < l1
+    lo = np.searchsorted(ends, l0[ranks], side="right")  # ends > l0
+    cnt = np.maximum(hi - lo, 0)
+    total = int(cnt.sum())
+    r = np.repeat(ranks, cnt)
+    pos = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt - lo, cnt)
+    return r, perm[pos]
+
+
 def read_items_pattern(
     saved_offsets: np.ndarray,
     saved_sizes: np.ndarray,
@@ -198,22 +221,42 @@ def read_items_pattern(
         r, j = np.nonzero(np.broadcast_to(part[:, None], (R, k)))
         z = np.zeros((len(r), 0), np.int64)
         return ReadItemsPattern(r.astype(np.int64), j.astype(np.int64), z, z, z, lo, ls, part)
+    if R > 1:
+        # ranks holding the same local chunk (replicated mesh dims) read the same items: plan each
+        # distinct local chunk once, then give every rank the rows of its chunk
+        _u, first, inv = np.unique(np.concatenate([lo, ls, part[:, None].astype(np.int64)], axis=1), axis=0,
+                                   return_index=True, return_inverse=True)  # fmt: skip
+        if 2 * len(first) <= R:
+            sub = read_items_pattern(so, ss, lo[first], ls[first], part[first])
+            inv = inv.reshape(-1)
+            b = sub.rank_bounds
+            cnt = (b[1:] - b[:-1])[inv]
+            rank = np.repeat(np.arange(R, dtype=np.int64), cnt)
+            idx = np.arange(len(rank), dtype=np.int64) + np.repeat(b[:-1][inv] - (np.cumsum(cnt) - cnt), cnt)
+            return ReadItemsPattern(rank, sub.chunk[idx], sub.dest_offsets[idx], sub.storage_offsets[idx],
+                                    sub.lengths[idx], lo, ls, part)  # fmt: skip
     # sweep dim per rank: largest max(offset + size) over local and saved chunks, ties -> lowest
     ext = np.maximum(se.max(axis=0)[None, :], le)
     sweep = np.argmax(ext, axis=1) if nd > 1 else np.zeros(R, np.int64)
-    s_start = so[:, sweep].T  # [R, k]
-    s_end = se[:, sweep].T
-    l_start = lo[np.arange(R), sweep][:, None]
-    l_end = le[np.arange(R), sweep][:, None]
-    active = (s_start < l_end) & (s_end >= l_start)
-    overlap = np.ones((R, k), bool)
+    # torch reads saved chunk j for local chunk r when they overlap on every dim (j is then always in
+    # its sweep-line's active list, so that list adds no condition). Test the dim that tells the saved
+    # chunks apart best on all [R, k] pairs, the other dims only on the pairs that pass it.
+    d0 = max(range(nd), key=lambda d: (len(np.unique(so[:, d])), -d))
+    r, j = _overlapping_on_dim(so[:, d0], se[:, d0], lo[:, d0], le[:, d0], np.flatnonzero(part))
     for d in range(nd):
-        overlap &= ~(lo[:, d : d + 1] >= se[None, :, d]) & ~(so[None, :, d] >= le[:, d : d + 1])
-    mask = active & overlap & part[:, None]
-    r, j = np.nonzero(mask)
+        if d != d0:
+            keep = (lo[r, d] < se[j, d]) & (so[j, d] < le[r, d])
+            r, j = r[keep], j[keep]
     # within a rank: torch iterates its active list ordered by (saved end on the sweep dim, index)
-    order = np.lexsort((j, s_end[r, j], r))
-    r, j = r[order].astype(np.int64), j[order].astype(np.int64)
+    # (one int64 key: rank, then the chunk's place in that order for the rank's sweep dim)
+    place = np.zeros((nd, k), np.int64)
+    for s in np.unique(sweep).tolist():
+        place[s, np.lexsort((np.arange(k), se[:, s]))] = np.arange(k)
+    key = r * k + place[sweep[r], j]
+    if len(key) > 1 and not (key[1:] > key[:-1]).all():
+        order = np.argsort(key, kind="stable")
+        r, j = r[order], j[order]
+    r, j = r.astype(np.int64), j.astype(np.int64)
     lo_r, le_r = lo[r], le[r]
     so_j, se_j = so[j], se[j]
     lengths = np.minimum(se_j, le_r) - np.maximum(lo_r, so_j)
@@ -451,6 +494,54 @@ def _default_load_order(index: CheckpointIndex) -> list[str]:
     return list(walk(root, sorted(root, key=str)))
 
 
+class _IndexMemo:
+    """What planning needs of a checkpoint that no target mesh changes, computed once per index.
+
+    Kept on the (frozen) :class:`CheckpointIndex` like its fqn lookup, so a widget that
+    re-simulates on every control change pays for these only on its first plan.
+    """
+
+    def __init__(self, index: CheckpointIndex) -> None:
+        lookup = getattr(index, "__dict__", {}).get("_lookup")
+        self.lookup: dict[str, int] = lookup if lookup is not None else {f: i for i, f in enumerate(index.fqns)}
+        self.kinds: list[int] = [int(k) for k in index.kinds]
+        self._sig_of: dict[int, int] = {}  # entry -> layout id
+        self._sig_ids: dict[bytes, int] = {}  # layout -> id
+        self._load_order: tuple[str, ...] | None = None
+        self.summary: dict[tuple[bytes, str], tuple[Any, ...]] = {}  # LoadPlan._summary, per group of entries
+        self.file_saving_rank: dict[int, int] = {}  # file -> saving rank of its first chunk + 1 (0: none)
+        self.itemsize: np.ndarray | None = None  # bytes per element of each entry
+
+    def load_order(self, index: CheckpointIndex) -> tuple[str, ...]:
+        """:func:`_default_load_order` of ``index`` (the index this memo belongs to)."""
+        if self._load_order is None:
+            self._load_order = tuple(_default_load_order(index))
+        return self._load_order
+
+    def layout_sig(self, index: CheckpointIndex, e: int) -> int:
+        """An id of tensor entry ``e``'s saved chunk layout: equal ids, equal chunk offsets and sizes."""
+        s = self._sig_of.get(e)
+        if s is None:
+            c = index.chunks
+            a, b = int(index.chunk_start[e]), int(index.chunk_start[e + 1])
+            ca, cb = int(c.coord_start[a]), int(c.coord_start[b])
+            # the chunk count first: 0-d chunks have no coordinates, so offsets/sizes alone
+            # would put a 0-d tensor with k chunks in the group of one with a different k
+            sig = f"{b - a}|".encode() + c.offsets[ca:cb].tobytes() + b"|" + c.sizes[ca:cb].tobytes()
+            s = self._sig_of[e] = self._sig_ids.setdefault(sig, len(self._sig_ids))
+        return s
+
+
+def _index_memo(index: CheckpointIndex) -> _IndexMemo:
+    d = getattr(index, "__dict__", None)
+    memo = d.get("_plan_memo") if d is not None else None
+    if memo is None:
+        memo = _IndexMemo(index)
+        if d is not None:
+            object.__setattr__(index, "_plan_memo", memo)
+    return memo
+
+
 class LoadPlan:
     """What every rank of a target mesh reads when loading a checkpoint (immutable).
 
@@ -487,7 +578,10 @@ class LoadPlan:
 
     @cached_property
     def _itemsize(self) -> np.ndarray:
-        return np.array([itemsize(d) for d in self.index.dtypes], np.float64)
+        memo = _index_memo(self.index)
+        if memo.itemsize is None:
+            memo.itemsize = np.array([itemsize(d) for d in self.index.dtypes], np.float64)
+        return memo.itemsize
 
     def _item_read_bytes(self, rows: np.ndarray) -> np.ndarray:
         """Bytes the storage reader reads for a ReadItem of saved chunk row(s) ``rows``."""
@@ -497,79 +591,142 @@ class LoadPlan:
         return self._chunk_nbytes[rows]  # partial reads: estimated by needed bytes below
 
     # -- summaries ------------------------------------------------------------------------
-    @cached_property
-    def _summary(self) -> dict[str, Any]:
-        R = self.world_size
-        idx = self.index
-        c = idx.chunks
-        nf = len(idx.files)
-        items = np.zeros(R, np.int64)
-        needed = np.zeros(R, np.float64)
-        read = np.zeros(R, np.float64)
-        file_bytes = np.zeros(nf, np.float64)
-        nsave = int(c.rank.max(initial=-1)) + 2
-        traffic = np.zeros(nsave * R, np.float64)  # [saving rank + 1, loading rank]; row 0: unknown saving rank
-        touched = np.zeros((nf, R), bool)  # file f read by rank r
+    def _group_reads(self) -> Iterable[tuple[ReadItemsPattern, np.ndarray, tuple[Any, ...]]]:
+        """Each layout group with reads: (pattern, entries, storage facts of :meth:`_group_storage`)."""
+        memo = _index_memo(self.index)
         for g in self._groups:
             p = g.pattern
             if len(p.rank) == 0:
                 continue
             ents = g.entries
-            cs = idx.chunk_start[ents]
-            isz = self._itemsize[ents]
+            # what the group's tensors store where (no mesh in it): computed once per checkpoint
+            key = (ents.tobytes(), self.storage)
+            st = memo.summary.get(key)
+            if st is None:
+                if len(memo.summary) >= 256:  # small entries, but bounded
+                    memo.summary.clear()
+                st = memo.summary[key] = self._group_storage(ents)
+            yield p, ents, st
+
+    def _read_bytes(self, p: ReadItemsPattern, st: tuple[Any, ...]) -> np.ndarray:
+        """float64 [U, P]: bytes read by each read of the pattern, per storage signature of the group."""
+        _isz_sum, _kfile_u, _krank_u, wsum, isz_u = st
+        if self.storage == "whole_item":
+            return wsum[:, p.chunk]
+        return isz_u[:, None] * p.numel[None, :]
+
+    def _bytes_reads(self) -> Iterable[tuple[int, int]]:
+        """(file index, byte length) of each bytes item the plan loads (every rank reads it whole)."""
+        idx = self.index
+        for _fqn, e, gid in self._order:
+            if gid is None and e >= 0:
+                loc = idx.bytes_items.get(e)
+                if loc is not None:
+                    yield loc[0], loc[2]
+
+    @cached_property
+    def _summary(self) -> dict[str, Any]:
+        R = self.world_size
+        idx = self.index
+        nf = len(idx.files)
+        items = np.zeros(R, np.int64)
+        needed = np.zeros(R, np.float64)
+        read = np.zeros(R, np.float64)
+        file_bytes = np.zeros(nf, np.float64)
+        touched = np.zeros((nf, R), bool)  # file f read by rank r
+        for p, ents, st in self._group_reads():
+            isz_sum, kfile_u, _krank_u, wsum, _isz_u = st
             items += np.bincount(p.rank, minlength=R) * len(ents)
-            needed += np.bincount(p.rank, weights=p.numel.astype(np.float64), minlength=R) * isz.sum()
-            # Work on the tensors' chunk tables ([T, k]) rather than on every read ([T, P], P >> k
-            # at scale): tensors whose chunks sit in the same files on the same saving ranks
-            # (the common case: U == 1) are summed per chunk first, then spread over the reads once.
-            k = int(idx.chunk_start[ents[0] + 1]) - int(cs[0])
-            krows = cs[:, None] + np.arange(k)[None, :]  # [T, k]
-            kfile, krank = c.file[krows], c.rank[krows]
-            if len(ents) == 1:
-                inv, reps = np.zeros(1, np.int64), np.zeros(1, np.int64)
-            else:
-                sig = np.concatenate([kfile.astype(np.int64), krank.astype(np.int64)], axis=1)
-                seen: dict[bytes, int] = {}
-                inv = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in sig], np.int64)
-                reps = np.unique(inv, return_index=True)[1]  # first tensor of each signature
-            U = len(reps)
-            if self.storage == "whole_item":
-                wk = np.maximum(c.byte_length[krows], 0).astype(np.float64)  # [T, k]
-                flat = (inv[:, None] * k + np.arange(k)[None, :]).ravel()
-                wsum = np.bincount(flat, weights=wk.ravel(), minlength=U * k).reshape(U, k)
-                w = wsum[:, p.chunk]  # [U, P]
-            else:
-                w = np.bincount(inv, weights=isz, minlength=U)[:, None] * p.numel[None, :]
+            needed += np.bincount(p.rank, weights=p.numel.astype(np.float64), minlength=R) * isz_sum
             # float64 sums of integral byte counts below 2**53 are exact: the order does not matter
-            read += np.bincount(p.rank, weights=w.sum(axis=0), minlength=R)
-            files = kfile[reps][:, p.chunk]  # [U, P]
-            saving = krank[reps][:, p.chunk].astype(np.int64) + 1
+            if self.storage == "whole_item":  # = _read_bytes(...).sum(axis=0), same additions
+                read += np.bincount(p.rank, weights=wsum.sum(axis=0)[p.chunk], minlength=R)
+            else:
+                read += np.bincount(p.rank, weights=self._read_bytes(p, st).sum(axis=0), minlength=R)
+            U, k = kfile_u.shape
+            if U > 1 and k <= 16 and self.storage == "whole_item":
+                # many tensors stored apart, few chunks each (0-d optimizer steps): every rank reading
+                # chunk c reads it from each file holding a copy of c; work per chunk, not per read
+                for cc in range(k):
+                    rr = p.rank[p.chunk == cc]
+                    fu = kfile_u[:, cc]
+                    ok = fu >= 0
+                    if not len(rr) or not ok.any():
+                        continue
+                    file_bytes += np.bincount(fu[ok], weights=wsum[ok, cc], minlength=nf) * len(rr)
+                    touched[np.ix_(np.unique(fu[ok]), rr)] = True
+                continue
+            w = self._read_bytes(p, st)
+            files = kfile_u[:, p.chunk]  # [U, P]
             ranks_up = np.broadcast_to(p.rank[None, :], files.shape)
-            traffic += np.bincount((saving * R + ranks_up).ravel(), weights=w.ravel(), minlength=nsave * R)
             ok = files >= 0
             file_bytes += np.bincount(files[ok], weights=w[ok], minlength=nf)
             touched[files[ok], ranks_up[ok]] = True
+        for f, ln in self._bytes_reads():
+            items += 1
+            needed += ln
+            read += ln
+            if f >= 0:
+                file_bytes[f] += ln * R
+                touched[f, :] = True
+        return dict(items=items, needed=needed, read=read, rank_nfiles=np.count_nonzero(touched, axis=0),
+                    file_bytes=file_bytes, file_nranks=np.count_nonzero(touched, axis=1))  # fmt: skip
+
+    @cached_property
+    def _traffic_matrix(self) -> np.ndarray:
+        """float64 [saving rank + 1, loading rank] bytes read; row 0: unknown saving rank."""
+        R = self.world_size
+        c = self.index.chunks
+        memo = _index_memo(self.index)
+        nsave = int(c.rank.max(initial=-1)) + 2
+        traffic = np.zeros(nsave * R, np.float64)
+        for p, _ents, st in self._group_reads():
+            w = self._read_bytes(p, st)
+            saving = st[2][:, p.chunk].astype(np.int64) + 1
+            ranks_up = np.broadcast_to(p.rank[None, :], saving.shape)
+            traffic += np.bincount((saving * R + ranks_up).ravel(), weights=w.ravel(), minlength=nsave * R)
         traffic = traffic.reshape(nsave, R)
-        # bytes items: every rank reads each one (whole)
-        for fqn, e, gid in self._order:
-            if gid is None and e >= 0:
-                loc = idx.bytes_items.get(e)
-                if loc is None:
-                    continue
-                f, _o, ln, _t = loc
-                items += 1
-                needed += ln
-                read += ln
-                if f >= 0:
-                    file_bytes[f] += ln * R
-                    touched[f, :] = True
-                # bytes items have no saving-rank row: the file's rank
-                sr = int(c.rank[np.flatnonzero(c.file == f)[0]]) + 1 if f >= 0 and (c.file == f).any() else 0
-                traffic[sr] += ln
-        rank_files = [set(np.flatnonzero(touched[:, r]).tolist()) for r in range(R)]
-        file_ranks = [set(np.flatnonzero(touched[f]).tolist()) for f in range(nf)]
-        return dict(items=items, needed=needed, read=read, rank_files=rank_files, file_bytes=file_bytes,
-                    file_ranks=file_ranks, traffic=traffic)  # fmt: skip
+        for f, ln in self._bytes_reads():
+            # bytes items have no saving-rank row: the file's rank
+            sr = memo.file_saving_rank.get(f)
+            if sr is None:
+                sr = memo.file_saving_rank[f] = (int(c.rank[np.flatnonzero(c.file == f)[0]]) + 1
+                                                 if f >= 0 and (c.file == f).any() else 0)  # fmt: skip
+            traffic[sr] += ln
+        return traffic
+
+    def _group_storage(self, ents: np.ndarray) -> tuple[Any, ...]:
+        """Storage facts of a layout group's tensors for :attr:`_summary` (independent of the mesh).
+
+        Work on the tensors' chunk tables ([T, k]) rather than on every read ([T, P], P >> k at
+        scale): tensors whose chunks sit in the same files on the same saving ranks (the common
+        case: U == 1) are summed per chunk first, then spread over the reads once.
+        Returns ``(itemsize sum, files [U, k], saving ranks [U, k], whole-item bytes [U, k] or
+        None, itemsize sums [U] or None)``.
+        """
+        idx = self.index
+        c = idx.chunks
+        cs = idx.chunk_start[ents]
+        isz = self._itemsize[ents]
+        k = int(idx.chunk_start[ents[0] + 1]) - int(cs[0])
+        krows = cs[:, None] + np.arange(k)[None, :]  # [T, k]
+        kfile, krank = c.file[krows], c.rank[krows]
+        if len(ents) == 1:
+            inv, reps = np.zeros(1, np.int64), np.zeros(1, np.int64)
+        else:
+            sig = np.concatenate([kfile.astype(np.int64), krank.astype(np.int64)], axis=1)
+            seen: dict[bytes, int] = {}
+            inv = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in sig], np.int64)
+            reps = np.unique(inv, return_index=True)[1]  # first tensor of each signature
+        U = len(reps)
+        wsum = isz_u = None
+        if self.storage == "whole_item":
+            wk = np.maximum(c.byte_length[krows], 0).astype(np.float64)  # [T, k]
+            flat = (inv[:, None] * k + np.arange(k)[None, :]).ravel()
+            wsum = np.bincount(flat, weights=wk.ravel(), minlength=U * k).reshape(U, k)
+        else:
+            isz_u = np.bincount(inv, weights=isz, minlength=U)
+        return isz.sum(), kfile[reps], krank[reps], wsum, isz_u
 
     @cached_property
     def per_rank(self) -> pd.DataFrame:
@@ -606,7 +763,7 @@ class LoadPlan:
                 "bytes_needed": s["needed"].astype(np.int64),
                 "bytes_read": s["read"].astype(np.int64),
                 "amplification": amp,
-                "files_opened": np.array([len(x) for x in s["rank_files"]], np.int64),
+                "files_opened": s["rank_nfiles"].astype(np.int64),
             }
         )
 
@@ -628,7 +785,7 @@ class LoadPlan:
         return pd.DataFrame(
             {
                 "file": pd.Series(self.index.files, dtype=object),
-                "num_ranks": np.array([len(x) for x in s["file_ranks"]], np.int64),
+                "num_ranks": s["file_nranks"].astype(np.int64),
                 "bytes_read": s["file_bytes"].astype(np.int64),
             }
         )
@@ -638,7 +795,7 @@ class LoadPlan:
         """Bytes read, saving rank (rows; -1 unknown) x loading rank (columns)."""
         import pandas as pd
 
-        t = self._summary["traffic"]
+        t = self._traffic_matrix
         keep = t.sum(axis=1) > 0
         labels = np.arange(-1, t.shape[0] - 1)
         return pd.DataFrame(t[keep].astype(np.int64), index=pd.Index(labels[keep], name="saving_rank"),
@@ -819,11 +976,12 @@ def simulate_load(
             problems.append(Problem("*", "per_rank_metadata", "error",
                                     f"no __r.metadata for loading rank(s) {missing[:8]}{'...' if len(missing) > 8 else ''}:"
                                     " torch finds no metadata for them and fails"))  # fmt: skip
-    lookup = {f: i for i, f in enumerate(index.fqns)}
+    memo = _index_memo(index)
+    lookup = memo.lookup
     # what is loaded, in dcp.load's order
     wanted: list[tuple[str, str, Any]] = []  # (fqn as loaded, checkpoint fqn, expected value or None)
     if state_dict is None:
-        for f in _default_load_order(index):
+        for f in memo.load_order(index):
             wanted.append((f, f, None))
     else:
         top = sorted(state_dict)
@@ -840,19 +998,9 @@ def simulate_load(
     group_of: dict[tuple[Any, ...], int] = {}
     group_entries: list[list[int]] = []
     group_keys: list[tuple[Any, ...]] = []
-    sig_cache: dict[int, bytes] = {}
     c = index.chunks
-
-    def layout_sig(e: int) -> bytes:
-        s = sig_cache.get(e)
-        if s is None:
-            a, b = int(index.chunk_start[e]), int(index.chunk_start[e + 1])
-            ca, cb = int(c.coord_start[a]), int(c.coord_start[b])
-            # the chunk count first: 0-d chunks have no coordinates, so offsets/sizes alone
-            # would put a 0-d tensor with k chunks in the group of one with a different k
-            s = f"{b - a}|".encode() + c.offsets[ca:cb].tobytes() + b"|" + c.sizes[ca:cb].tobytes()
-            sig_cache[e] = s
-        return s
+    kinds = memo.kinds
+    checked: dict[tuple[Any, int], None] = {}  # (placements, ndim) already found valid
 
     for fqn, ck, expected in wanted:
         e = lookup.get(ck)
@@ -863,7 +1011,7 @@ def simulate_load(
                 problems.append(Problem(fqn, "missing_key", "warning", f"not in the checkpoint ({ck}): skipped (strict=False)"))
             continue
         exp_shape, exp_dtype, exp_pls = _spec_of(expected) if expected is not None else (None, None, None)
-        if index.kinds[e] == KIND_BYTES:
+        if kinds[e] == KIND_BYTES:
             if exp_shape is not None:
                 problems.append(Problem(fqn, "type_mismatch", "warning",
                                         f"the checkpoint stores {ck} as bytes (a pickled object) but the state dict "
@@ -890,16 +1038,17 @@ def simulate_load(
                                     "G values of the last dim (its chunk keeps the stored shape)"))  # fmt: skip
         try:
             pls = parse_placements(exp_pls) if exp_pls is not None else rule(fqn, shape)
-            if pls is not None and len(pls) != m.ndim:
-                raise ValueError(f"{len(pls)} placements for mesh {m} of {m.ndim} dims")
-            if pls is not None:
+            if pls is not None and (pls, len(shape)) not in checked:
+                if len(pls) != m.ndim:
+                    raise ValueError(f"{len(pls)} placements for mesh {m} of {m.ndim} dims")
                 for p in pls:
                     if not isinstance(p, Replicate) and not -len(shape) <= p.dim < len(shape):
                         raise ValueError(f"placement {p} shards dim {p.dim} of a {len(shape)}-d tensor")
+                checked[pls, len(shape)] = None
         except ValueError as ex:
             problems.append(Problem(fqn, "placement_error", "error", str(ex)))
             continue
-        key = (shape, pls, layout_sig(e))
+        key = (shape, pls, memo.layout_sig(index, e))
         gid = group_of.get(key)
         if gid is None:
             gid = group_of[key] = len(group_keys)

@@ -35,6 +35,7 @@ import functools
 import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -220,8 +221,10 @@ def _workers(n_tasks: int) -> int:
     return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n_tasks))
 
 
-def _run_parallel(tasks: Sequence[Any], work: Any, make_state: Any) -> None:
-    """``work(task, state)`` for every task, on :func:`_workers` threads, each with its own ``make_state()``.
+def _run_parallel(tasks: Sequence[Any], work: Any, make_state: Any, loader: Loader | None = None) -> None:
+    """``work(task, state, loader)`` for every task, on :func:`_workers` threads, each with its own
+    ``make_state()`` and (when ``loader`` is given) its own :class:`~dcp_explorer.load.Loader` of the same
+    checkpoint, so that reads proceed in parallel; their byte counts are added to ``loader.stats``.
 
     The kernels are numpy calls that release the GIL (``take``, ``multiply``, file reads): plain threads
     use the cores without OpenMP's barriers, which stall when other processes compete for the cores.
@@ -230,18 +233,44 @@ def _run_parallel(tasks: Sequence[Any], work: Any, make_state: Any) -> None:
     if n <= 1:
         st = make_state()
         for t in tasks:
-            work(t, st)
+            work(t, st, loader)
         return
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    loaders: list[Any] = [None] * n
+    queue = iter(tasks)  # dynamic: a thread the OS preempts takes fewer slabs
+    lock = threading.Lock()
 
     def run(i: int) -> None:
         st = make_state()
-        for t in tasks[i::n]:
-            work(t, st)
+        ldr = None
+        if loader is not None:
+            ldr = loaders[i] = type(loader)(loader.ckpt)
+        while True:
+            with lock:
+                t = next(queue, None)
+            if t is None:
+                return
+            work(t, st, ldr)
 
-    with ThreadPoolExecutor(n, thread_name_prefix="dcpx-dequant") as ex:
-        for f in [ex.submit(run, i) for i in range(n)]:
-            f.result()
+    try:
+        with ThreadPoolExecutor(n, thread_name_prefix="dcpx-dequant") as ex:
+            for f in [ex.submit(run, i) for i in range(n)]:
+                f.result()
+    finally:
+        for ldr in loaders:
+            if ldr is not None and loader is not None:
+                ldr.close()
+                _merge_stats(loader.stats, ldr.stats)
+
+
+def _merge_stats(into: Any, other: Any) -> None:
+    into.bytes_read += other.bytes_read
+    into.requests += other.requests
+    into.items_opened += other.items_opened
+    for k, v in other.by_file.items():
+        into.by_file[k] = into.by_file.get(k, 0) + v
 
 
 def _fp8_rows(codes: np.ndarray, scol: np.ndarray, dst: np.ndarray, stored: str) -> None:
@@ -270,7 +299,8 @@ def _fp8_rows(codes: np.ndarray, scol: np.ndarray, dst: np.ndarray, stored: str)
         t = torch.from_numpy(codes)
         torch.from_numpy(dst).copy_(t.view(dt) if t.dtype != dt else t)
     v = dst.reshape(k, n // k, w)
-    np.multiply(v, scol.reshape(k, 1, w), out=v)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):  # inf / NaN results are the data's
+        np.multiply(v, scol.reshape(k, 1, w), out=v)
 
 
 def fp8_dequantize(codes: np.ndarray, scale: np.ndarray, row0: int = 0, col0: int = 0,
@@ -304,16 +334,18 @@ def fp8_dequantize(codes: np.ndarray, scale: np.ndarray, row0: int = 0, col0: in
     r, c = codes.shape
     b0, b1 = int(block[0]), int(block[1])
     colidx = (np.arange(col0, col0 + c) // b1) - col0 // b1
-    return _fp8_slabs(lambda a, e, buf: codes[a - row0 : e - row0], scale, row0, row0 + r, col0, c, (b0, b1),
+    return _fp8_slabs(lambda a, e, buf, ldr: codes[a - row0 : e - row0], scale, row0, row0 + r, col0, c, (b0, b1),
                       colidx, stored_dtype, _target(dtype), None)  # fmt: skip
 
 
 def _fp8_slabs(get_codes: Any, scale: np.ndarray, r0: int, r1: int, c0: int, w: int, block: tuple[int, int],
-               colidx: np.ndarray, stored: str, tdt: torch.dtype, raw_dtype: Any) -> torch.Tensor:  # fmt: skip
+               colidx: np.ndarray, stored: str, tdt: torch.dtype, raw_dtype: Any,
+               loader: Loader | None = None) -> torch.Tensor:  # fmt: skip
     """Rows ``[r0, r1)`` x ``w`` columns of an FP8 region, slab by slab on :func:`_workers` threads.
 
-    ``get_codes(a, e, buf)`` returns the codes of rows ``[a, e)`` (reading them into ``buf`` when it is
-    given); ``scale`` holds the scales from block-row ``r0 // b0`` and the region's first block column.
+    ``get_codes(a, e, buf, loader)`` returns the codes of rows ``[a, e)`` (reading them into ``buf`` with
+    ``loader`` when they are given); ``scale`` holds the scales from block-row ``r0 // b0`` and the
+    region's first block column on.
     """
     import torch
 
@@ -331,11 +363,11 @@ def _fp8_slabs(get_codes: Any, scale: np.ndarray, r0: int, r1: int, c0: int, w: 
         buf = np.empty(nmax * w, raw_dtype) if raw_dtype is not None else None
         return buf, (None if direct else np.empty(nmax * w, np.float32))
 
-    def work(slab: tuple[int, int], st: tuple[np.ndarray | None, np.ndarray | None]) -> None:
+    def work(slab: tuple[int, int], st: tuple[np.ndarray | None, np.ndarray | None], ldr: Any) -> None:
         a, e = slab
         n = e - a
         buf, tmp = st
-        codes = get_codes(a, e, None if buf is None else buf[: n * w].reshape(n, w))
+        codes = get_codes(a, e, None if buf is None else buf[: n * w].reshape(n, w), ldr)
         ra, rb = a // b0 - rb0, (e - 1) // b0 + 1 - rb0
         scol = np.ascontiguousarray(scale[ra:rb][:, colidx])
         if direct:
@@ -345,7 +377,7 @@ def _fp8_slabs(get_codes: Any, scale: np.ndarray, r0: int, r1: int, c0: int, w: 
             _fp8_rows(codes, scol, t, stored)
             out[a - r0 : e - r0].copy_(torch.from_numpy(t))
 
-    _run_parallel(slabs, work, state)
+    _run_parallel(slabs, work, state, loader)
     return out
 
 
@@ -392,7 +424,7 @@ def mxfp4_dequantize(blocks: np.ndarray, scales: np.ndarray, *, dtype: Any = Non
     step = max(1, MX_SLAB_VALUES // max(1, shape[-1]))
     tasks = [(i, min(i + step, rows.shape[0])) for i in range(0, rows.shape[0], step)]
     name = str(tdt).removeprefix("torch.")
-    _run_parallel(tasks, lambda t, _st: _mxfp4_into(b2[t[0] : t[1]], s2[t[0] : t[1]], rows[t[0] : t[1]], name),
+    _run_parallel(tasks, lambda t, _st, _ldr: _mxfp4_into(b2[t[0] : t[1]], s2[t[0] : t[1]], rows[t[0] : t[1]], name),
                   lambda: None)  # fmt: skip
     return out
 
@@ -510,7 +542,11 @@ def entry_problems(index: CheckpointIndex, e: int) -> list[tuple[str, str]]:
     return out
 
 
+_WARNED: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+
+
 def _check_decodable(loader: Loader, e: int) -> _Entry:
+    """The entry, if it can be dequantized; warns (once per checkpoint and tensor) about suspicious layouts."""
     idx = loader.index
     x = _entry(idx, e)
     probs = entry_problems(idx, e)
@@ -518,12 +554,12 @@ def _check_decodable(loader: Loader, e: int) -> _Entry:
     if fatal:
         raise QuantizationError(f"{x.fqn!r} cannot be dequantized: {'; '.join(fatal)}. Load the stored tensors "
                                 "with dequantize=False, and see ckpt.quant", path=loader.ckpt.path)  # fmt: skip
-    if probs and not getattr(loader, "_quant_warned", {}).get(e):
-        warnings.warn(QuantizationWarning(f"{x.fqn}: {'; '.join(m for _, m in probs)} (see ckpt.quant)"), stacklevel=4)
-        try:
-            loader.__dict__.setdefault("_quant_warned", {})[e] = True
-        except AttributeError:  # pragma: no cover - slotted loaders
-            pass
+    if probs:
+        seen = _WARNED.setdefault(loader, set())
+        if e not in seen:
+            seen.add(e)
+            warnings.warn(QuantizationWarning(f"{x.fqn}: {'; '.join(m for _, m in probs)} (see ckpt.quant)"),
+                          stacklevel=4)  # fmt: skip
     return x
 
 
@@ -580,11 +616,11 @@ def _fp8_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int], 
     scale = _read_scales(loader, x, [rb0, cb0], [(r1 - 1) // b0 + 1, (c1 - 1) // b1 + 1])
     colidx = (np.arange(c0, c1) // b1) - cb0
 
-    def get_codes(a: int, e: int, buf: np.ndarray) -> np.ndarray:
-        return loader.read_region(x.fqn, [a, c0], [e, c1], out=buf)
+    def get_codes(a: int, e: int, buf: np.ndarray, ldr: Loader) -> np.ndarray:
+        return ldr.read_region(x.fqn, [a, c0], [e, c1], out=buf)
 
     raw_dt = np.dtype(RAW_NUMPY.get(x.stored_dtype, "u1"))
-    return _fp8_slabs(get_codes, scale, r0, r1, c0, c1 - c0, (b0, b1), colidx, x.stored_dtype, tdt, raw_dt)
+    return _fp8_slabs(get_codes, scale, r0, r1, c0, c1 - c0, (b0, b1), colidx, x.stored_dtype, tdt, raw_dt, loader)
 
 
 def _mxfp4_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int], tdt: torch.dtype) -> torch.Tensor:
@@ -604,10 +640,10 @@ def _mxfp4_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int]
     lead_a, lead_b = starts[:-1], stops[:-1]
     boxes = list(_lead_boxes(lead_a, lead_b, max(1, MX_SLAB_VALUES // ((g1 - g0) * per))))
 
-    def work(box: tuple[tuple[int, ...], tuple[int, ...]], _st: None) -> None:
+    def work(box: tuple[tuple[int, ...], tuple[int, ...]], _st: None, ldr: Loader) -> None:
         ba, bb = box
-        blocks = loader.read_region(x.fqn, [*ba, g0, 0], [*bb, g1, nb]).view(np.uint8)
-        scales = _read_scales(loader, x, [*ba, g0], [*bb, g1])
+        blocks = ldr.read_region(x.fqn, [*ba, g0, 0], [*bb, g1, nb]).view(np.uint8)
+        scales = _read_scales(ldr, x, [*ba, g0], [*bb, g1])
         sel = tuple(slice(p - q, r - q) for p, r, q in zip(ba, bb, lead_a))
         if aligned and direct:
             _mxfp4_into(blocks, scales, raw[sel], name)
@@ -618,7 +654,7 @@ def _mxfp4_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int]
         a = l0 - g0 * per
         out[sel] = tmp[..., a : a + (l1 - l0)].to(tdt)
 
-    _run_parallel(boxes, work, lambda: None)
+    _run_parallel(boxes, work, lambda: None, loader)
     return out
 
 
@@ -1127,7 +1163,13 @@ def _scan(loader: Loader, x: _Entry, geo: _Geometry, tdt: torch.dtype, progress:
     if progress or (progress is None and n > 64 << 20):
         from tqdm.auto import tqdm
 
-        slabs = tqdm(slabs, desc=f"{what} {x.fqn}", unit="slab", leave=False)
+        if x.format == "fp8_block":
+            w = max(1, stops[1] - starts[1])
+            total = sum(1 for _ in _row_slabs(starts[0], stops[0], x.block[0], max(1, SLAB_VALUES // w)))  # type: ignore[index]
+        else:
+            rows = max(1, SLAB_VALUES // max(1, stops[-1] - starts[-1]))
+            total = sum(1 for _ in _lead_boxes(starts[:-1], stops[:-1], rows))
+        slabs = tqdm(slabs, desc=f"{what} {x.fqn}", unit="slab", total=total, leave=False)
     for gsel, vsel, codes, sc, vals, layout in slabs:
         yield gsel, vsel, codes, vals, _block_reduce(vals, tdt, np.isfinite(sc), layout)
 
@@ -1203,7 +1245,7 @@ def block_stats(ckpt: Checkpoint, fqn: str, *, slices: Any = None, weights: bool
         return BlockStats(**base)
     fin = np.abs(scale[np.isfinite(scale)])
     vmax = float(fin.max()) * geo.code_max if fin.size else 1.0
-    vmax = vmax if np.isfinite(vmax) and vmax > 0 else 1.0
+    vmax = vmax * (1 + 2.0**-10) if np.isfinite(vmax) and vmax > 0 else 1.0  # float32 rounding may pass it
     edges = np.linspace(-vmax, vmax, bins + 1) if bins else None
     g = {k: np.full(gshape, v, dt) for k, v, dt in (("absmax", 0, np.float32), ("minnz", np.inf, np.float32),
          ("zeros", 0, np.int64), ("nonfinite", 0, np.int64), ("nan", 0, np.int64), ("overflow", 0, np.int64),
@@ -1223,7 +1265,9 @@ def block_stats(ckpt: Checkpoint, fqn: str, *, slices: Any = None, weights: bool
             ref = ref_get(a, [a_ + n for a_, n in zip(a, vals.shape)]).reshape(vals.shape)
             layout = _layout_of(x, vals, gsel, starts, stops)
             ok = np.ones(g["absmax"][gsel].shape, bool)
-            racc = _block_reduce(np.abs(vals - ref).astype(np.float32), _torch_f32(), ok, layout)
+            with np.errstate(invalid="ignore", over="ignore"):
+                diff = np.abs(vals - ref).astype(np.float32)
+            racc = _block_reduce(diff, _torch_f32(), ok, layout)
             facc = _block_reduce(np.abs(ref).astype(np.float32), _torch_f32(), ok, layout)
             sh = err[gsel].shape  # type: ignore[index]
             err[gsel] = np.maximum(err[gsel], racc.absmax.reshape(sh))  # type: ignore[index]

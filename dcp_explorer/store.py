@@ -8,16 +8,93 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import ByteRangeError, ChunkFileMissing, NotACheckpointError
+from .errors import (
+    ByteRangeError,
+    ChunkFileMissing,
+    DcpExplorerError,
+    MetadataError,
+    NotACheckpointError,
+    ReadTimeoutError,
+)
 
 if TYPE_CHECKING:
     import fsspec
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "remote_timeout", "DEFAULT_TIMEOUT"]
+
+#: Seconds a remote request may wait for a connection or for the next bytes before failing with
+#: :class:`ReadTimeoutError`; ``$DCP_EXPLORER_TIMEOUT`` overrides it (``storage_options`` win over both).
+DEFAULT_TIMEOUT = 60.0
+
+
+def remote_timeout() -> float:
+    """The remote read timeout in seconds: ``$DCP_EXPLORER_TIMEOUT``, else :data:`DEFAULT_TIMEOUT`."""
+    try:
+        t = float(os.environ.get("DCP_EXPLORER_TIMEOUT") or DEFAULT_TIMEOUT)
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return t if t > 0 else DEFAULT_TIMEOUT
+
+
+def _with_timeouts(url: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` plus default connect/read timeouts for the HTTP and S3 filesystems (the user's win)."""
+    import fsspec.core
+
+    opts = dict(options)
+    proto = fsspec.core.split_protocol(url)[0]
+    t = remote_timeout()
+    if proto in ("http", "https"):
+        import aiohttp
+
+        ck = dict(opts.get("client_kwargs") or {})
+        ck.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t))
+        opts["client_kwargs"] = ck
+    elif proto in ("s3", "s3a"):
+        cfg = dict(opts.get("config_kwargs") or {})
+        cfg.setdefault("connect_timeout", t)
+        cfg.setdefault("read_timeout", t)
+        opts["config_kwargs"] = cfg
+    return opts
+
+
+def _timeout_in(exc: BaseException) -> BaseException | None:
+    """The timeout (asyncio, aiohttp, botocore...) ``exc`` is or was raised from, if any."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 16:
+        if isinstance(e, TimeoutError) or any("Timeout" in k.__name__ for k in type(e).__mro__):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from is a timeout."""
+    return _timeout_in(exc) is not None
+
+
+@contextmanager
+def _timeouts(where: str) -> Iterator[None]:
+    """Turn a remote timeout (however the filesystem wraps it) into :class:`ReadTimeoutError`."""
+    try:
+        yield
+    except DcpExplorerError:
+        raise
+    except Exception as e:
+        cause = _timeout_in(e)
+        if cause is not None:
+            raise ReadTimeoutError(
+                f"no answer from the storage within {remote_timeout():g} s ({type(cause).__name__}); set "
+                "$DCP_EXPLORER_TIMEOUT (seconds) or the filesystem's timeout in storage_options to wait longer",
+                path=where,
+            ) from e
+        raise
 
 
 @dataclass(frozen=True)
@@ -60,10 +137,28 @@ class Store:
         """Size of file ``name``; :class:`ChunkFileMissing` if it does not exist."""
         if name in self.listing:
             return self.listing[name]
+        if name in self.subdirs:
+            raise ChunkFileMissing("is a directory, expected a file", path=self.display(name))
         try:
-            return int(self.fs.size(self.full_path(name)))
+            with _timeouts(self.display(name)):
+                return int(self.fs.size(self.full_path(name)))
+        except DcpExplorerError:
+            raise
         except (FileNotFoundError, OSError) as e:
             raise ChunkFileMissing("file does not exist", path=self.display(name)) from e
+
+    def check_inside(self, name: str) -> None:
+        """Refuse a local file that resolves (through symlinks) outside the checkpoint directory."""
+        if not self.is_local:
+            return
+        root = os.path.realpath(self.root or ".")
+        real = os.path.realpath(self.full_path(name))
+        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            raise MetadataError(
+                f"{name!r} resolves to {real}, outside the checkpoint directory (a symlink?); refusing to read "
+                "outside it",
+                path=self.display(name),
+            )
 
     def exists(self, name: str) -> bool:
         """Whether file ``name`` exists (directly in the root or below it)."""
@@ -71,9 +166,11 @@ class Store:
 
     def open(self, name: str, **kwargs: Any) -> IO[bytes]:
         """Open file ``name`` for reading (binary)."""
+        self.check_inside(name)
         try:
-            return self.fs.open(self.full_path(name), "rb", **kwargs)
-        except FileNotFoundError as e:
+            with _timeouts(self.display(name)):
+                return self.fs.open(self.full_path(name), "rb", **kwargs)
+        except (FileNotFoundError, IsADirectoryError) as e:
             raise ChunkFileMissing("file does not exist", path=self.display(name)) from e
 
     def read_range(self, name: str, start: int, length: int) -> bytes:
@@ -84,10 +181,12 @@ class Store:
                 f"byte range [{start}, {start + length}) lies past the end of the file ({size} bytes)",
                 path=self.display(name),
             )
+        self.check_inside(name)
         try:
             # one ranged request (fsspec file objects would read ahead in large blocks)
-            data = self.fs.cat_file(self.full_path(name), start=start, end=start + length) if length else b""
-        except FileNotFoundError as e:
+            with _timeouts(self.display(name)):
+                data = self.fs.cat_file(self.full_path(name), start=start, end=start + length) if length else b""
+        except (FileNotFoundError, IsADirectoryError) as e:
             raise ChunkFileMissing("file does not exist", path=self.display(name)) from e
         if len(data) != length:
             raise ByteRangeError(
@@ -96,8 +195,11 @@ class Store:
         return bytes(data)
 
     def local_path(self, name: str) -> str | None:
-        """OS path of ``name`` when the store is local, else ``None``."""
-        return self.full_path(name) if self.is_local else None
+        """OS path of ``name`` when the store is local, else ``None``; refuses a path that leads outside."""
+        if not self.is_local:
+            return None
+        self.check_inside(name)
+        return self.full_path(name)
 
     def stat_key(self, name: str) -> tuple[Any, ...]:
         """What identifies the current content of ``name``: (size, mtime or etag); the stamp is None when unknown."""
@@ -122,16 +224,23 @@ def open_store(path: str | os.PathLike[str], storage_options: Mapping[str, Any] 
     import fsspec.core
 
     url = os.fspath(path)
-    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    fs, root = fsspec.core.url_to_fs(url, **_with_timeouts(url, storage_options or {}))
     root = root.rstrip("/") if root not in ("/", "") else root
     selected = None
     try:
-        if fs.isfile(root):
-            selected = posixpath.basename(root)
-            root = posixpath.dirname(root)
-        elif not fs.isdir(root):
-            raise NotACheckpointError("no such file or directory", path=url)
-        entries = fs.ls(root, detail=True)
+        with _timeouts(url):
+            if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+                try:  # isfile/isdir swallow every error: surface a stalled server here
+                    fs.info(root)
+                except Exception as e:
+                    if _is_timeout(e):
+                        raise
+            if fs.isfile(root):
+                selected = posixpath.basename(root)
+                root = posixpath.dirname(root)
+            elif not fs.isdir(root):
+                raise NotACheckpointError("no such file or directory", path=url)
+            entries = fs.ls(root, detail=True)
     except NotACheckpointError:
         raise
     except FileNotFoundError as e:

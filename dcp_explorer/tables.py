@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 __all__ = ["tensors_table", "chunks_table", "files_table", "modules_table", "chunk_nbytes"]
 
 
+_I64_MAX = (1 << 63) - 1
+
+
 def _entry_itemsize(index: CheckpointIndex) -> np.ndarray:
     return np.array([itemsize(d) for d in index.dtypes], dtype=np.float64)
 
@@ -56,8 +59,8 @@ def tensors_table(index: CheckpointIndex) -> pd.DataFrame:
     import pandas as pd
 
     n = len(index.fqns)
-    numel = np.array([int(np.prod(s, dtype=np.float64)) if k != KIND_BYTES else 0
-                      for s, k in zip(index.shapes, index.kinds)], dtype=np.int64)  # fmt: skip
+    numel = np.array([min(int(np.prod(s, dtype=np.float64)), _I64_MAX) if k != KIND_BYTES else 0
+                      for s, k in zip(index.shapes, index.kinds)], dtype=np.int64)  # fmt: skip (absurd shapes clip)
     per_chunk = chunk_nbytes(index)
     nbytes = np.zeros(n, np.int64)
     if len(per_chunk):

@@ -552,8 +552,10 @@ def test_max_bytes(samples):
     assert ck.load("model.tok_embeddings.weight", max_bytes=nbytes).shape == (251, 72)
     with pytest.raises(DcpExplorerError, match="max_bytes"):
         ck.load("model.layers.*", max_bytes=10_000)
-    # a slice is allowed past the limit (it reads only the slice)
-    assert ck.load("model.tok_embeddings.weight", slices=(0,), max_bytes=1).shape == (72,)
+    # a slice counts its own size only (it reads only the slice)
+    assert ck.load("model.tok_embeddings.weight", slices=(0,), max_bytes=72 * 4).shape == (72,)
+    with pytest.raises(DcpExplorerError, match="max_bytes"):
+        ck.load("model.tok_embeddings.weight", slices=(0,), max_bytes=72 * 4 - 1)
 
 
 # ----------------------------------------------------------------------------- bytes read

@@ -13,12 +13,26 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..errors import MetadataError, UnsafePickleError
+from ..errors import DcpExplorerError, MetadataError, UnsafePickleError
 
 __all__ = ["TensorLayout", "WindowFile", "tensor_layout", "load_plain_object", "STORAGE_DTYPES"]
+
+#: what :mod:`zipfile` raises on a damaged archive (bad headers, unknown versions or compression,
+#: encryption flags, undecodable names, offsets out of range)
+_ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError, OverflowError, KeyError,
+    IndexError, struct.error, zlib.error,  # a member stored compressed, with a broken stream
+)  # fmt: skip
+try:
+    import lzma
+
+    _ZIP_ERRORS += (lzma.LZMAError,)
+except ImportError:  # pragma: no cover - Python built without lzma
+    pass
 
 #: legacy typed storage class -> dtype name
 STORAGE_DTYPES = {
@@ -154,10 +168,15 @@ def _members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
 
 def _data_start(f: IO[bytes], info: zipfile.ZipInfo, where: str) -> int:
     f.seek(info.header_offset)
-    head = f.read(30)
-    if len(head) != 30 or head[:4] != b"PK\x03\x04":
+    name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
+    head = f.read(30 + len(name))
+    if len(head) != 30 + len(name) or head[:4] != b"PK\x03\x04":
         raise MetadataError("zip local header not found where the central directory says", path=where)
     name_len, extra_len = struct.unpack("<HH", head[26:30])
+    if head[30:] != name or name_len != len(name):
+        # the directory points at another member's header: reading there would return its bytes
+        raise MetadataError(f"zip central directory and local header disagree on the name of {info.orig_filename!r} "
+                            "(corrupt item?)", path=where)  # fmt: skip
     return info.header_offset + 30 + name_len + extra_len
 
 
@@ -173,7 +192,9 @@ def tensor_layout(item: IO[bytes], where: str) -> TensorLayout:
     """
     try:
         zf = zipfile.ZipFile(item)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
+        raise
+    except _ZIP_ERRORS as e:
         raise MetadataError(f"stored item is not a torch.save zip archive ({e})", path=where) from e
     with zf:
         mem = _members(zf)
@@ -184,7 +205,9 @@ def tensor_layout(item: IO[bytes], where: str) -> TensorLayout:
             raise MetadataError(f"data.pkl of a tensor item is {pk.file_size} bytes; refusing", path=where)
         try:
             raw = zf.read(pk)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
+            raise
+        except _ZIP_ERRORS as e:
             raise MetadataError(f"cannot read data.pkl from the stored item ({e})", path=where) from e
         try:
             obj = _TensorPickle(io.BytesIO(raw), where).load()
@@ -252,7 +275,9 @@ def load_plain_object(item: IO[bytes], where: str) -> Any:
     """Decode a bytes entry (a ``torch.save`` archive of a plain object) with the allow-list."""
     try:
         zf = zipfile.ZipFile(item)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
+        raise
+    except _ZIP_ERRORS as e:
         raise MetadataError(f"stored bytes item is not a torch.save zip archive ({e})", path=where) from e
     with zf:
         pk = _members(zf).get("data.pkl")
@@ -260,7 +285,12 @@ def load_plain_object(item: IO[bytes], where: str) -> Any:
             raise MetadataError("stored bytes item has no data.pkl member", path=where)
         if pk.file_size > 256 << 20:
             raise MetadataError(f"bytes item's data.pkl is {pk.file_size} bytes; refusing", path=where)
-        raw = zf.read(pk)
+        try:
+            raw = zf.read(pk)
+        except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
+            raise
+        except _ZIP_ERRORS as e:
+            raise MetadataError(f"cannot read data.pkl from the stored bytes item ({e})", path=where) from e
     try:
         return _PlainPickle(io.BytesIO(raw), where).load()
     except UnsafePickleError:

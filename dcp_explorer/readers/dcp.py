@@ -55,8 +55,8 @@ def per_rank_metadata_files(names: Any) -> list[tuple[int, str]]:
 
 
 def _as_tuple(v: Any, what: str, path: str) -> tuple[int, ...]:
-    if not isinstance(v, tuple) or not all(isinstance(x, int) for x in v):
-        raise MetadataError(f"{what} is {v!r}, expected a torch.Size of ints", path=path)
+    if not isinstance(v, tuple) or not all(isinstance(x, int) and -(1 << 63) <= x < 1 << 63 for x in v):
+        raise MetadataError(f"{what} is {v!r}, expected a torch.Size of (64-bit) ints", path=path)
     return v
 
 
@@ -126,18 +126,20 @@ def parse_metadata(md: Any, path: str) -> CheckpointIndex:
     try:
         offs_t = list(map(attrgetter("offsets"), all_chunks))
         sizes_t = list(map(attrgetter("sizes"), all_chunks))
-        offsets = np.fromiter(chain.from_iterable(offs_t), dtype=np.int64, count=total)
-        sizes = np.fromiter(chain.from_iterable(sizes_t), dtype=np.int64, count=total)
         lens_ok = np.fromiter(map(len, offs_t), np.int64, m) == per_chunk_ndim
         lens_ok &= np.fromiter(map(len, sizes_t), np.int64, m) == per_chunk_ndim
+        if not lens_ok.all():  # before reading the coordinates: the counts would not add up
+            bad = int(np.flatnonzero(~lens_ok)[0])
+            raise MetadataError(
+                f"a chunk of {fqns[int(entry[bad])]!r} has a different number of dims than the tensor", path=path
+            )
+        offsets = np.fromiter(chain.from_iterable(offs_t), dtype=np.int64, count=total)
+        sizes = np.fromiter(chain.from_iterable(sizes_t), dtype=np.int64, count=total)
     except (AttributeError, TypeError, ValueError) as e:
+        if isinstance(e, MetadataError):
+            raise
         raise MetadataError(f"a chunk's offsets/sizes are not torch.Size of ints ({e})", path=path) from e
     del all_chunks, offs_t, sizes_t
-    if not lens_ok.all():
-        bad = int(np.flatnonzero(~lens_ok)[0])
-        raise MetadataError(
-            f"a chunk of {fqns[int(entry[bad])]!r} has a different number of dims than the tensor", path=path
-        )
 
     files: dict[str, int] = {}
     transforms: dict[str, int] = {}

@@ -45,6 +45,7 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }  # fmt: skip
 _SHARD = re.compile(r"^shard-(\d+)-model-\d+-of-\d+\.safetensors$")
 SHARDING_KEY = "DCP_SHARDING_INFO"
+_BIG = 1 << 62  # shapes and offsets must stay int64 (their sums too)
 
 
 def read_header(store: Store, name: str) -> tuple[dict[str, Any], int]:
@@ -108,7 +109,8 @@ def parse_header(raw: bytes, file_size: int, where: str) -> dict[str, Any]:
                 f"tensor {key!r} has unknown dtype {dt!r}; known: {', '.join(SAFETENSORS_DTYPES)}", path=where
             )
         shape = ent.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < _BIG
+                                                  for s in shape):  # fmt: skip
             raise SafetensorsHeaderError(f"tensor {key!r} has invalid shape {shape!r}", path=where)
         offs = ent.get("data_offsets")
         if (
@@ -136,6 +138,16 @@ def parse_header(raw: bytes, file_size: int, where: str) -> dict[str, Any]:
             raise SafetensorsHeaderError(
                 f"tensor {key!r}: data_offsets {offs} end past the end of the file (data section is "
                 f"{data_len} bytes): truncated file?",
+                path=where,
+            )
+    # two tensors may not share bytes (safetensors itself refuses it)
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items()
+                   if k != "__metadata__" and e["data_offsets"][1] > e["data_offsets"][0])  # fmt: skip
+    for (_, end0, k0), (begin1, _, k1) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise SafetensorsHeaderError(
+                f"tensors {k0!r} and {k1!r} overlap: {k1!r} starts at data offset {begin1}, before {k0!r} "
+                f"ends at {end0}",
                 path=where,
             )
     return header
@@ -273,6 +285,15 @@ def _fp8_block(w: tuple[int, ...], s: tuple[int, ...]) -> tuple[int, ...] | None
         return None
     if all(-(-wd // 128) == sd for wd, sd in zip(w, s)):
         return (128,) * len(w)
+    # the scale's shape alone is ambiguous (ceil(200/b) == 4 for b in 50..66): prefer powers of two near
+    # 128, the same for every dim if one fits them all (64x64 blocks), then the smallest size that fits
+    pows = sorted((1 << k for k in range(21)), key=lambda b: abs(b.bit_length() - 8))
+    common = [b for b in pows if all(sd > 0 and -(-wd // b) == sd for wd, sd in zip(w, s))]
+    if common:
+        return (common[0],) * len(w)
+    per_dim = [next((b for b in pows if sd > 0 and -(-wd // b) == sd), None) for wd, sd in zip(w, s)]
+    if all(b is not None for b in per_dim):
+        return tuple(per_dim)  # type: ignore[arg-type]
     out = []
     for wd, sd in zip(w, s):
         if sd <= 0:
@@ -331,7 +352,7 @@ class SafetensorsReader(BackendEntrypoint):
                     if (
                         not isinstance(offs, list)
                         or len(offs) != len(shape)
-                        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+                        or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < _BIG for o in offs)
                     ):
                         raise MetadataError(
                             f"{SHARDING_KEY} gives tensor {key!r} saved_offsets {offs!r}, expected "

@@ -10,6 +10,8 @@ widget's ``error`` area instead of being lost in the kernel log.
 from __future__ import annotations
 
 from .browser import CheckpointBrowser
+from .diff import DiffViewer
+from .quant import QuantViewer
 from .reshard import ReshardExplorer
 
-__all__ = ["CheckpointBrowser", "ReshardExplorer"]
+__all__ = ["CheckpointBrowser", "ReshardExplorer", "QuantViewer", "DiffViewer"]

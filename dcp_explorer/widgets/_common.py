@@ -8,7 +8,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["figure_png", "new_axes", "guarded", "error_html", "frame_html"]
+__all__ = ["figure_png", "new_axes", "guarded", "error_html", "frame_html", "set_png"]
+
+
+def set_png(image: Any, png: bytes | None) -> None:
+    """Show ``png`` in an Image widget, or hide the widget when there is nothing to show
+    (an empty Image renders as the browser's broken-image icon)."""
+    image.value = png or b""
+    image.layout.display = None if png else "none"
 
 
 def new_axes(figsize: tuple[float, float] = (7, 4)) -> Any:

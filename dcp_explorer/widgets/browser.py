@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import figure_png, frame_html, guarded, new_axes
+from ._common import figure_png, frame_html, guarded, new_axes, set_png
 
 __all__ = ["CheckpointBrowser"]
 
@@ -60,7 +60,8 @@ class CheckpointBrowser:
                              description="filter", continuous_update=False, layout=w.Layout(width="520px"))  # fmt: skip
         self.count = w.HTML()
         self.tensor = w.Select(options=[], rows=14, layout=w.Layout(width="520px"))
-        self.depth = w.IntSlider(value=2, min=1, max=6, description="module depth", continuous_update=False)
+        self.depth = w.IntSlider(value=2, min=1, max=6, description="module depth", continuous_update=False,
+                                 style={"description_width": "initial"})  # fmt: skip
         self.modules = w.HTML()
         self.details = w.HTML()
         self.chunk_map = w.Image(format="png", layout=w.Layout(max_width="720px"))
@@ -74,8 +75,12 @@ class CheckpointBrowser:
         self.tensor.observe(guarded(self.error)(self._on_tensor), names="value")
         self.preview_button.on_click(guarded(self.error)(self._on_preview))
 
-        left = w.VBox([self.search, self.count, self.tensor, self.depth, self.modules])
-        right = w.VBox([self.details, self.chunk_map, self.preview_button, self.preview, self.histogram])
+        set_png(self.chunk_map, None)
+        set_png(self.histogram, None)
+        left = w.VBox([self.search, self.count, self.tensor, self.depth, self.modules],
+                      layout=w.Layout(width="540px", flex="0 0 auto"))  # fmt: skip
+        right = w.VBox([self.details, self.chunk_map, self.preview_button, self.preview, self.histogram],
+                       layout=w.Layout(flex="1 1 auto", min_width="0", overflow="auto"))  # fmt: skip
         self.widget = w.VBox([self.summary, w.HBox([left, right]), self.error])
         self._on_search()
         self._on_depth()
@@ -102,10 +107,10 @@ class CheckpointBrowser:
     def _on_tensor(self, change: Any = None) -> None:
         fqn = self.tensor.value
         self.preview.value = ""
-        self.histogram.value = b""
+        set_png(self.histogram, None)
         if fqn is None:
             self.details.value = ""
-            self.chunk_map.value = b""
+            set_png(self.chunk_map, None)
             return
         r = self._info[fqn]
         head = (f"<b>{html.escape(fqn)}</b> — {html.escape(r.kind)}, {html.escape(str(r.dtype))}, shape "
@@ -116,7 +121,7 @@ class CheckpointBrowser:
             loc = self.ckpt.index.bytes_items.get(e)
             where = "" if loc is None else f"<br>stored in {html.escape(self.ckpt.index.files[loc[0]])} at bytes [{loc[1]:,}, {loc[1] + loc[2]:,})"
             self.details.value = head + where
-            self.chunk_map.value = b""
+            set_png(self.chunk_map, None)
             return
         chunks = self.ckpt.chunks_of(fqn)
         import pandas as pd
@@ -128,7 +133,7 @@ class CheckpointBrowser:
         from ..viz import plot_chunk_map
 
         ax = plot_chunk_map(self.ckpt, fqn, ax=new_axes((7, 3.6)))
-        self.chunk_map.value = figure_png(ax.figure)
+        set_png(self.chunk_map, figure_png(ax.figure))
 
     def _on_preview(self, button: Any = None) -> None:
         fqn = self.tensor.value
@@ -167,7 +172,7 @@ class CheckpointBrowser:
             ax.hist(x, bins=80, color="#4c78a8")
             ax.set_title(f"values of {fqn}{note}", fontsize=8)
             ax.set_yscale("log")
-            self.histogram.value = figure_png(ax.figure)
+            set_png(self.histogram, figure_png(ax.figure))
 
     # -- display --------------------------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
