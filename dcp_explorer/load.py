@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Loader", "IOStats", "select", "parse_slices", "RAW_NUMPY", "DEFAULT_MAX_LOAD_BYTES", "max_load_bytes"]
 
+#: Largest decompressed bytes entry (a ``torch.save`` of plain containers) decoded without ``trusted=True``.
+BYTES_ITEM_CAP = 64 << 20
+
 #: Default memory budget of one ``load`` call (bytes of the results); ``$DCP_EXPLORER_MAX_LOAD_BYTES``
 #: overrides it, ``max_bytes=`` overrides both (``max_bytes=None``: no limit).
 DEFAULT_MAX_LOAD_BYTES = 8 << 30
@@ -501,8 +504,9 @@ class Loader:
         f, off, length, t = loc
         src = self._src(idx.files[f])
         where = f"{src.where} (bytes item {fqn!r})"
-        if t >= 0:
-            data = self._decompressed(src, off, length, idx.transforms[t], 256 << 20)
+        if t >= 0:  # no size in the metadata: plain objects are small; trusted ones get the load budget
+            cap = max(max_load_bytes(), 64 << 20) if trusted else BYTES_ITEM_CAP
+            data = self._decompressed(src, off, length, idx.transforms[t], cap)
         else:
             data = src.read(off, length)
         if trusted:

@@ -31,8 +31,9 @@
  * unpickler would also reject raises ``Malformed``; a global outside the allow-list
  * raises ``Refused(module, name)``.  Every read is bounds-checked and no allocation is
  * sized from a length field before it is checked against the remaining input.  One
- * deliberate difference: a memo index larger than the whole input (and >= 4 Mi) is
- * ``Malformed``, where the C unpickler would allocate and zero 16 bytes per index.
+ * deliberate difference: a memo index out of sequence and >= 4 Mi is ``Malformed``, where
+ * the C unpickler would allocate and zero 16 bytes per index -- also when pass 2 stops on
+ * something unmodelled before reaching it (the stream never goes to the reference).
  *
  * Byte stream: the input is read in 1 MiB windows (or used in place when bytes-like).
  * FRAMEs are honoured the way the C unpickler reading from a file does; an opcode that
@@ -202,6 +203,7 @@ typedef struct {
     /* status */
     int st;
     char msg[320];
+    char bomb[160];       /* pass 1 saw a memo index the C unpickler would allocate GBs for */
     PyObject *refmod, *refname;
 
     /* memo */
@@ -1111,9 +1113,17 @@ static inline int memo_put(S *s, uint64_t idx, Val v)
         /* The C unpickler grows its memo array to 2 * idx entries and zero-fills it: a 4-byte
            index can make it touch tens of GB.  No pickle of this size can have so many memo
            entries: refuse (from 4 Mi entries on) rather than hand the file to it. */
-        if (idx >= s->total && idx >= ((uint64_t)1 << 22))
-            return BAD(s, "memo index %llu is beyond the size of the pickle (%llu bytes)", (unsigned long long)idx,
-                       (unsigned long long)s->total);
+        if (idx >= ((uint64_t)1 << 22)) {
+            /* remembered: even if pass 2 stops earlier on something the scanner does not model, this
+               stream must not go to the reference unpickler (see py_scan) */
+            if (idx >= s->total)
+                snprintf(s->bomb, sizeof(s->bomb), "memo index %llu is beyond the size of the pickle (%llu bytes)",
+                         (unsigned long long)idx, (unsigned long long)s->total);
+            else
+                snprintf(s->bomb, sizeof(s->bomb), "memo index %llu is out of sequence, past 4 Mi entries "
+                         "(the C unpickler would zero 16 bytes per index)", (unsigned long long)idx);
+            return BAD(s, "%s", s->bomb);
+        }
         return UNSUP(s, "memo index %llu is not sequential", (unsigned long long)idx);
     }
     if (idx == s->memo_len) s->memo_len++;
@@ -3047,6 +3057,12 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
     gil_release_all(s);
     int rc2 = run(s);
     gil_take_back(s);
+    if (rc2 < 0 && s->st == ST_UNSUP && s->bomb[0]) {
+        /* pass 2 stopped on something unmodelled before the memo bomb pass 1 saw: refuse rather than
+           hand the stream to the reference unpickler, which would allocate and zero GBs */
+        s->st = ST_MALFORMED;
+        snprintf(s->msg, sizeof(s->msg), "%s", s->bomb);
+    }
     if (rc2 < 0) goto done_status;
     /* nothing of the memo or the stack is needed any more */
     free(s->slots);
