@@ -458,9 +458,9 @@ def _sizes(obj: Any) -> None:
 
 
 def _unpickle_standins(data: bytes) -> Any:
-    from dcp_explorer.readers._safe_pickle import _RestrictedUnpickler
+    from dcp_explorer.readers._safe_pickle import load_metadata_pickle
 
-    return _RestrictedUnpickler(io.BytesIO(data), "seed").load()
+    return load_metadata_pickle(data, "seed")  # guarded: a pool input may hold a memo bomb
 
 
 def mutate_metadata_objects(rnd: random.Random, data: bytes, others: list[bytes]) -> bytes:
@@ -592,6 +592,7 @@ class Fuzzer:
     def execute(self, target: str, data: bytes) -> str:
         fn = self.targets.get(target)
         self._remember(target, data)
+        self._rss_peak = max(self._rss_peak, _peak_rss_kib())  # growth before this point is not the target's
         self.stats[target]["execs"] += 1
         if self.exec_timeout:
             signal.setitimer(signal.ITIMER_REAL, self.exec_timeout)

@@ -297,7 +297,7 @@ def _layout_problems(index: CheckpointIndex, where: str) -> list[str]:
     is_tensor = index.kinds == 0
     cap = 1 << 62
     ints = [all(isinstance(x, int) for x in s) for s in shapes]
-    numel = np.array([min(math.prod(s), cap) if ok else 0 for s, ok in zip(shapes, ints)], np.int64)
+    numel = np.array([min(max(math.prod(s), 0), cap) if ok else 0 for s, ok in zip(shapes, ints)], np.int64)
     nd_entry = np.array([len(s) for s in shapes], np.int64)
     maxk = int(nd_entry.max(initial=0))
     shape_mat = np.zeros((n, maxk), np.int64)

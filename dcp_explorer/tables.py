@@ -59,7 +59,7 @@ def tensors_table(index: CheckpointIndex) -> pd.DataFrame:
     import pandas as pd
 
     n = len(index.fqns)
-    numel = np.array([min(int(np.prod(s, dtype=np.float64)), _I64_MAX) if k != KIND_BYTES else 0
+    numel = np.array([min(max(int(np.prod(s, dtype=np.float64)), -_I64_MAX), _I64_MAX) if k != KIND_BYTES else 0
                       for s, k in zip(index.shapes, index.kinds)], dtype=np.int64)  # fmt: skip (absurd shapes clip)
     per_chunk = chunk_nbytes(index)
     nbytes = np.zeros(n, np.int64)

@@ -408,3 +408,35 @@ def test_write_dcp_matches_torch(tmp_path):
         got = _load_state_dict_from_keys(checkpoint_id=str(tmp_path / "ck"))
     assert torch.equal(got["w"], t)
     assert torch.equal(dx.open(tmp_path / "ck").load("w"), t)
+
+
+# ============================================================================================
+# the guard in front of CPython's unpickler
+# ============================================================================================
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20),
+    lambda c: st.lists(c, max_size=4) | st.tuples(c, c) | st.dictionaries(st.text(max_size=5), c, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(obj=_plain, proto=st.integers(0, 5), data=st.data())
+def test_memo_guard(obj, proto, data):
+    """The guard passes every real pickle, and catches a memo index that would make CPython allocate GBs."""
+    import struct
+
+    from dcp_explorer.readers import _safe_pickle
+
+    raw = pickle.dumps([obj, bytearray(b"xy"), obj], protocol=proto)
+    idx = data.draw(st.integers(1 << 22, (1 << 32) - 1))
+    bomb = raw[:-1] + b"r" + struct.pack("<I", idx) + b"."
+    for scanner in (True, False):  # the C walk and the pickletools one agree
+        assert _safe_pickle._guard(raw, scanner) is None
+        kind, msg = _safe_pickle._guard(bomb, scanner)
+        assert kind == "memo" and str(idx) in msg
+    with pytest.raises(MetadataError, match="refused before unpickling"):
+        _safe_pickle.load_metadata_pickle(bomb, "x")
+    cut = raw[: data.draw(st.integers(1, len(raw) - 1))]
+    found = _safe_pickle._guard(cut)
+    assert found is None or found[0] == "truncated"

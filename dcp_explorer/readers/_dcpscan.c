@@ -203,7 +203,6 @@ typedef struct {
     /* status */
     int st;
     char msg[320];
-    char bomb[160];       /* pass 1 saw a memo index the C unpickler would allocate GBs for */
     PyObject *refmod, *refname;
 
     /* memo */
@@ -1114,15 +1113,13 @@ static inline int memo_put(S *s, uint64_t idx, Val v)
            index can make it touch tens of GB.  No pickle of this size can have so many memo
            entries: refuse (from 4 Mi entries on) rather than hand the file to it. */
         if (idx >= ((uint64_t)1 << 22)) {
-            /* remembered: even if pass 2 stops earlier on something the scanner does not model, this
-               stream must not go to the reference unpickler (see py_scan) */
+            /* even if pass 2 stops earlier on something the scanner does not model, this stream never
+               goes to the reference unpickler (see py_scan) */
             if (idx >= s->total)
-                snprintf(s->bomb, sizeof(s->bomb), "memo index %llu is beyond the size of the pickle (%llu bytes)",
-                         (unsigned long long)idx, (unsigned long long)s->total);
-            else
-                snprintf(s->bomb, sizeof(s->bomb), "memo index %llu is out of sequence, past 4 Mi entries "
-                         "(the C unpickler would zero 16 bytes per index)", (unsigned long long)idx);
-            return BAD(s, "%s", s->bomb);
+                return BAD(s, "memo index %llu is beyond the size of the pickle (%llu bytes)", (unsigned long long)idx,
+                           (unsigned long long)s->total);
+            return BAD(s, "memo index %llu is out of sequence, past 4 Mi entries (the C unpickler would zero 16 "
+                       "bytes per index)", (unsigned long long)idx);
         }
         return UNSUP(s, "memo index %llu is not sequential", (unsigned long long)idx);
     }
@@ -3024,6 +3021,9 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
     gil_take_back(s);
     if (rc1 < 0 && (s->st == ST_PYERR || s->st == ST_NOMEM)) goto done_status;
     /* pass 2 runs even when pass 1 stopped early: it reports the first problem in stream order */
+    int st1 = rc1 < 0 ? s->st : ST_OK;
+    char msg1[sizeof(s->msg)];
+    memcpy(msg1, s->msg, sizeof(msg1));
     s->st = ST_OK;
     s->msg[0] = 0;
     {
@@ -3057,11 +3057,12 @@ static PyObject *py_scan(PyObject *self, PyObject *args)
     gil_release_all(s);
     int rc2 = run(s);
     gil_take_back(s);
-    if (rc2 < 0 && s->st == ST_UNSUP && s->bomb[0]) {
-        /* pass 2 stopped on something unmodelled before the memo bomb pass 1 saw: refuse rather than
-           hand the stream to the reference unpickler, which would allocate and zero GBs */
-        s->st = ST_MALFORMED;
-        snprintf(s->msg, sizeof(s->msg), "%s", s->bomb);
+    if (rc2 < 0 && s->st == ST_UNSUP && (st1 == ST_MALFORMED || st1 == ST_TRUNC)) {
+        /* pass 2 stopped on something unmodelled before the problem pass 1 found further on (a
+           truncation, a bad opcode, a memo index the C unpickler would allocate GBs for): the
+           reference would fail there too, after doing whatever comes first -- refuse now */
+        s->st = st1;
+        memcpy(s->msg, msg1, sizeof(msg1));
     }
     if (rc2 < 0) goto done_status;
     /* nothing of the memo or the stack is needed any more */
@@ -3094,12 +3095,129 @@ static PyObject *py_utf8_check(PyObject *self, PyObject *args)
     return PyBool_FromLong(ok);
 }
 
+/* ------------------------------------------------------------------------- */
+/* guard: what the reference unpickler may be given                          */
+
+/* Walk the opcodes of a whole pickle linearly (a FRAME only announces how many of the following
+   bytes the C unpickler prefetches; the opcodes go on in sequence), as far as the C unpickler could
+   get, and report what would make it allocate memory the input does not justify: a memo index out
+   of sequence and >= 4 Mi (it grows its memo array to 2 * index entries and zero-fills it), or a
+   length field or frame past the end of the input (it would fail there; BYTEARRAY8 would first
+   allocate the length).  Returns None, or (kind, message) with kind "memo" or "truncated". */
+static PyObject *guard_result(const char *kind, const char *fmt, unsigned long long a, unsigned long long b)
+{
+    char msg[200];
+    snprintf(msg, sizeof(msg), fmt, a, b);
+    return Py_BuildValue("(ss)", kind, msg);
+}
+
+static PyObject *py_memo_guard(PyObject *self, PyObject *args)
+{
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "y*", &b)) return NULL;
+    const uint8_t *base = (const uint8_t *)b.buf, *p = base, *end = base + b.len;
+    uint64_t puts = 0;
+    PyObject *res = NULL;
+    while (p < end) {
+        uint8_t op = *p++;
+        uint64_t idx = 0, L = 0;
+        int has_idx = 0, w = 0, lw = 0;
+        switch (op) {
+        case '.':
+            goto out;
+        case '(': case '0': case '1': case '2': case 'N': case 0x88: case 0x89: case ')': case 0x85: case 0x86:
+        case 0x87: case 't': case ']': case '}': case 0x8f: case 'l': case 'd': case 0x91: case 'a': case 'e':
+        case 's': case 'u': case 0x90: case 'b': case 'R': case 0x81: case 0x92: case 0x93: case 'Q': case 'o':
+        case 0x97: case 0x98:
+            continue;
+        case 0x94:
+            puts++;
+            continue;
+        case 'K': case 0x80: case 'h': case 0x82: w = 1; break;
+        case 'M': case 0x83: w = 2; break;
+        case 'J': case 'j': case 0x84: w = 4; break;
+        case 'G': w = 8; break;
+        case 'q': case 'r':
+            w = op == 'q' ? 1 : 4;
+            if ((uint64_t)(end - p) < (uint64_t)w) goto out;
+            idx = le(p, w);
+            p += w;
+            has_idx = 1;
+            break;
+        case 'C': case 'U': case 0x8c: case 0x8a: lw = 1; break;
+        case 'X': case 'B': case 'T': case 0x8b: lw = 4; break;
+        case 0x8d: case 0x8e: case 0x96: case 0x95: lw = 8; break;
+        case 'I': case 'F': case 'L': case 'S': case 'V': case 'P': case 'g': case 'p': case 'c': case 'i': {
+            int lines = (op == 'c' || op == 'i') ? 2 : 1;
+            const uint8_t *start = p;
+            for (int k = 0; k < lines; k++) {
+                const uint8_t *nl = (const uint8_t *)memchr(p, '\n', (size_t)(end - p));
+                if (!nl) goto out; /* the C unpickler fails here */
+                p = nl + 1;
+            }
+            if (op == 'p') { /* PUT: as int() reads it (spaces, a sign, underscores) */
+                const uint8_t *q = start, *e = p - 1;
+                while (q < e && (*q == ' ' || *q == '\t')) q++;
+                while (e > q && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r')) e--;
+                if (q < e && *q == '+') q++;
+                int digits = 0;
+                for (; q < e; q++) {
+                    if (*q == '_') continue;
+                    if (*q < '0' || *q > '9') goto out; /* not a number: the C unpickler fails here */
+                    if (idx < ((uint64_t)1 << 40)) idx = idx * 10 + (uint64_t)(*q - '0');
+                    digits++;
+                }
+                if (!digits) goto out;
+                has_idx = 1;
+            }
+            break;
+        }
+        default:
+            goto out; /* not an opcode: the C unpickler stops here ("invalid load key") */
+        }
+        if (w && !has_idx) {
+            if ((uint64_t)(end - p) < (uint64_t)w) goto out;
+            p += w;
+        }
+        if (lw) {
+            if ((uint64_t)(end - p) < (uint64_t)lw) goto out;
+            L = le(p, lw);
+            p += lw;
+            if (op == 0x8b && (int32_t)(uint32_t)L < 0) goto out; /* negative LONG4: fails */
+            if (L > (uint64_t)(end - p)) {
+                res = guard_result("truncated", "a length of %llu bytes at byte %llu runs past the end of the pickle",
+                                   (unsigned long long)L, (unsigned long long)(p - base));
+                goto out;
+            }
+            if (op != 0x95) p += L; /* a FRAME's bytes are the opcodes that follow */
+        }
+        if (has_idx) {
+            if (idx >= ((uint64_t)1 << 22) && idx > puts) {
+                res = guard_result("memo", "memo index %llu is out of sequence after %llu entries (CPython's unpickler "
+                                   "would allocate and zero 16 bytes per index)", (unsigned long long)idx,
+                                   (unsigned long long)puts);
+                goto out;
+            }
+            puts++;
+        }
+    }
+out:
+    PyBuffer_Release(&b);
+    if (!res && PyErr_Occurred()) return NULL;
+    if (!res) Py_RETURN_NONE;
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS,
      "scan(src, start, total, gmap, dtmap, funcs, dtype_cls) -> dict\n\n"
      "Scan a DCP .metadata pickle.  src is a bytes-like object (start=-1) or a binary file\n"
      "positioned at start with total bytes left."},
     {"_utf8_check", py_utf8_check, METH_VARARGS, "Test hook: the scanner's UTF-8 validator."},
+    {"memo_guard", py_memo_guard, METH_VARARGS,
+     "memo_guard(buffer) -> None or (kind, message)\n\n"
+     "What in a whole pickle would make CPython's unpickler allocate memory the input does not justify:\n"
+     "an out-of-sequence memo index >= 4 Mi ('memo'), or a length past the end ('truncated')."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_dcpscan", "Restricted scanner for DCP .metadata pickles.", -1, methods};

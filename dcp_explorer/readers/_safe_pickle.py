@@ -156,6 +156,36 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
+def _guard(data: bytes, scanner: bool = True) -> tuple[str, str] | None:
+    """What in ``data`` would make CPython's unpickler allocate memory the input does not justify.
+
+    ``("memo", message)``: a memo index out of sequence and >= 4 Mi (it would grow its memo array to
+    twice the index and zero it: GBs from a few bytes); ``("truncated", message)``: a length field
+    past the end of the input (it would fail there). The C scanner's linear walk when it is built,
+    else (or with ``scanner=False``) :mod:`pickletools`, 100 times slower.
+    """
+    try:
+        from . import _dcpscan
+    except ImportError:  # pragma: no cover - depends on the build
+        _dcpscan = None
+    if _dcpscan is not None and scanner:
+        return _dcpscan.memo_guard(data)
+    import pickletools
+
+    puts = 0
+    try:
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name == "MEMOIZE":
+                puts += 1
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                if arg >= 1 << 22 and arg > puts:
+                    return "memo", f"memo index {arg} is out of sequence after {puts} entries"
+                puts += 1
+    except ValueError:  # truncated or not an opcode: the unpickler fails there too
+        return None
+    return None
+
+
 def load_metadata_pickle(file: IO[bytes] | bytes, path: str) -> Any:
     """Unpickle a DCP ``.metadata`` with the allow-list; returns the stand-in objects.
 
@@ -175,9 +205,15 @@ def load_metadata_pickle(file: IO[bytes] | bytes, path: str) -> Any:
     """
     import gc
 
-    if isinstance(file, (bytes, bytearray, memoryview)):
-        file = io.BytesIO(file)
-    up = _RestrictedUnpickler(file, path)
+    data = bytes(file) if isinstance(file, (bytes, bytearray, memoryview)) else file.read()
+    problem = _guard(data)  # before CPython's unpickler sees it: it would allocate first
+    if problem is not None:
+        kind, msg = problem
+        if kind == "truncated":
+            raise MetadataError(f"file ends in the middle of the pickle (truncated? was the save interrupted?): {msg}",
+                                path=path)  # fmt: skip
+        raise MetadataError(f"not a valid DCP metadata pickle ({msg}); refused before unpickling", path=path)
+    up = _RestrictedUnpickler(io.BytesIO(data), path)
     # millions of small objects: the cyclic GC would rescan them again and again
     enabled = gc.isenabled()
     gc.disable()
