@@ -55,7 +55,9 @@ def rchar():
             return int(line.split()[1])
 """
 
-RAW = COMMON + """
+RAW = (
+    COMMON
+    + """
 import numpy as np
 mode, dirs = sys.argv[1], sys.argv[2:]
 files = [os.path.join(d, n) for d in dirs for n in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, n))]
@@ -73,8 +75,11 @@ else:  # one reused 32 MiB buffer
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "bytes": at, "rchar": rchar() - r0, "peak_rss": peak_rss()}))
 """
+)
 
-OURS = COMMON + """
+OURS = (
+    COMMON
+    + """
 import dcp_explorer
 a, b = sys.argv[1], sys.argv[2]
 r0 = rchar(); t = time.perf_counter()
@@ -85,8 +90,11 @@ print(json.dumps({"seconds": dt, "bytes_read": d.bytes_read, "rchar": rchar() - 
                   "status": s["status"], "equal": d.equal, "torch": "torch" in sys.modules,
                   "max_abs_diff": max(r.max_abs_diff for r in d.rows)}))
 """
+)
 
-DIST = COMMON + """
+DIST = (
+    COMMON
+    + """
 from dcp_explorer.diff import run_distributed
 a, b, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 t = time.perf_counter()
@@ -95,6 +103,7 @@ dt = time.perf_counter() - t
 print(json.dumps({"seconds": d.seconds, "wall": dt, "bytes_read": d.bytes_read, "peak_rss": peak_rss(),
                   "status": d.summary()["status"], "world_size": d.world_size}))
 """
+)
 
 BUILD = """
 import os, sys, json, warnings
@@ -161,7 +170,9 @@ def warm(*dirs: Path) -> None:
 def run(code: str, *args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("DCP_EXPLORER_CACHE", str(Path.home() / ".cache" / "dcp_explorer_bench" / "parse-cache"))
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise SystemExit(f"benchmark step failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -187,7 +198,9 @@ def main() -> None:
     ap.add_argument("--tensors", type=int, default=8)
     ap.add_argument("--mib", type=int, default=128, help="size of each float32 tensor")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--nproc", type=int, default=0, help="also run the 'step' diff on this many local processes")
+    ap.add_argument(
+        "--nproc", type=int, default=0, help="also run the 'step' diff on this many local processes"
+    )
     ap.add_argument("--root", default=str(Path.home() / ".cache" / "dcp_explorer_bench"))
     a = ap.parse_args()
 
@@ -195,7 +208,10 @@ def main() -> None:
     A, same, step = d / "A", d / "same", d / "step"
     warm(A, same, step)
     sizes = {n: dir_bytes(p) for n, p in (("A", A), ("same", same), ("step", step))}
-    print(f"checkpoints in {d} (page cache warmed): " + ", ".join(f"{n} {v / 2**30:.3f} GiB" for n, v in sizes.items()))
+    print(
+        f"checkpoints in {d} (page cache warmed): "
+        + ", ".join(f"{n} {v / 2**30:.3f} GiB" for n, v in sizes.items())
+    )
     steps = {
         "raw same": (RAW, "fromfile", str(A), str(same)),
         "raw same 32MiB": (RAW, "buffer", str(A), str(same)),

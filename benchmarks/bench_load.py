@@ -54,7 +54,9 @@ path = sys.argv[1]
 keys = json.loads(sys.argv[2])
 """
 
-RAW = COMMON + """
+RAW = (
+    COMMON
+    + """
 import numpy as np
 mode, piece = sys.argv[3], int(sys.argv[4])
 files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".distcp"))
@@ -89,8 +91,11 @@ else:
 dt = time.perf_counter() - t
 print(json.dumps({"seconds": dt, "bytes": at, "rchar": rchar() - r0, "peak_rss": peak_rss()}))
 """
+)
 
-OURS = COMMON + """
+OURS = (
+    COMMON
+    + """
 import torch, dcp_explorer
 mode = sys.argv[3]
 ck = dcp_explorer.open(path, cache=False)
@@ -104,8 +109,11 @@ s = ck.loader.stats
 print(json.dumps({"seconds": dt, "bytes": nbytes, "bytes_read": s.bytes_read, "requests": s.requests,
                   "rchar": rc, "peak_rss": peak_rss()}))
 """
+)
 
-TORCH = COMMON + """
+TORCH = (
+    COMMON
+    + """
 import torch
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 mode = sys.argv[3]
@@ -118,6 +126,7 @@ rc = rchar() - r0
 nbytes = sum(v.numel() * v.element_size() for v in sd.values())
 print(json.dumps({"seconds": dt, "bytes": nbytes, "rchar": rc, "peak_rss": peak_rss()}))
 """
+)
 
 BUILD = """
 import os, sys, json, warnings
@@ -174,7 +183,9 @@ def warm(d: Path) -> int:
 
 def run(code: str, *args: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise SystemExit(f"benchmark step failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -217,7 +228,8 @@ def main() -> None:
         "ours_s": (OURS, p, k, "slice"), "torch_s": (TORCH, p, k, "slice"),
     }, a.repeat)  # fmt: skip
     raw, raw_ff, raw_pf, ours, ref, ours_s, ref_s = (
-        m[n] for n in ("raw", "raw_ff", "raw_pf", "ours", "torch", "ours_s", "torch_s"))
+        m[n] for n in ("raw", "raw_ff", "raw_pf", "ours", "torch", "ours_s", "torch_s")
+    )
     assert ours["bytes"] == ref["bytes"] and ours_s["bytes"] == ref_s["bytes"], (ours, ref, ours_s, ref_s)
 
     gib, mib = 1 << 30, 1 << 20
@@ -238,7 +250,9 @@ def main() -> None:
     for name, r, rate, read in rows:
         rate_s = f"{rate:>8.2f}" if rate is not None else f"{'':>8}"
         read_s = f"{read / mib:>12.2f}" if read is not None else f"{'':>12}"
-        print(f"{name:34}{r['seconds']:>10.3f}{rate_s}{read_s}{r['rchar'] / mib:>13.2f}{r['peak_rss'] / gib:>16.2f}")
+        print(
+            f"{name:34}{r['seconds']:>10.3f}{rate_s}{read_s}{r['rchar'] / mib:>13.2f}{r['peak_rss'] / gib:>16.2f}"
+        )
     print("runs (s): " + "; ".join(f"{n} {_fmt(m[n])}" for n in m))
 
     ra = ref["seconds"] / ours["seconds"]
@@ -261,7 +275,10 @@ def main() -> None:
 
 
 def _fmt(r: dict) -> str:
-    return "/".join(f"{s:.3f}" for s in r["all_seconds"]) + f" (median {statistics.median(r['all_seconds']):.3f})"
+    return (
+        "/".join(f"{s:.3f}" for s in r["all_seconds"])
+        + f" (median {statistics.median(r['all_seconds']):.3f})"
+    )
 
 
 if __name__ == "__main__":

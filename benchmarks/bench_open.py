@@ -35,7 +35,9 @@ def peak_rss():
             return int(line.split()[1]) * 1024
 """
 
-PICKLE = PEAK + """
+PICKLE = (
+    PEAK
+    + """
 import json, pickle, sys, time
 import torch.distributed.checkpoint  # the classes the pickle names
 t = time.perf_counter()
@@ -45,8 +47,11 @@ dt = time.perf_counter() - t
 n = sum(len(v.chunks) for v in md.state_dict_metadata.values() if hasattr(v, "chunks"))
 print(json.dumps({"seconds": dt, "peak_rss": peak_rss(), "chunks": n}))
 """
+)
 
-OURS = PEAK + """
+OURS = (
+    PEAK
+    + """
 import json, sys, time
 t = time.perf_counter()
 import dcp_explorer
@@ -58,10 +63,13 @@ print(json.dumps({"seconds": dt, "open_seconds": t_open, "from_cache": ck.from_c
                   "peak_rss": peak_rss(),
                   "chunks": len(table), "torch_imported": "torch" in sys.modules}))
 """
+)
 
 
 def run(code: str, arg: str, env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=False
+    )
     if out.returncode != 0:
         raise SystemExit(f"benchmark step failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -90,15 +98,21 @@ def main() -> None:
     print(f"chunks: {ref['chunks']:,}")
     print(f"{'':28}{'time (s)':>10}{'peak RSS (GiB)':>16}")
     print(f"{'torch pickle.load':28}{ref['seconds']:>10.2f}{ref['peak_rss'] / gb:>16.2f}")
-    print(f"{'dcp_explorer open+chunks':28}{cold['seconds']:>10.2f}{cold['peak_rss'] / gb:>16.2f}"
-          f"   (open alone {cold['open_seconds']:.2f} s)")
-    print(f"{'reopen from cache+chunks':28}{warm['seconds']:>10.2f}{warm['peak_rss'] / gb:>16.2f}"
-          f"   (open alone {warm['open_seconds']:.2f} s)")
+    print(
+        f"{'dcp_explorer open+chunks':28}{cold['seconds']:>10.2f}{cold['peak_rss'] / gb:>16.2f}"
+        f"   (open alone {cold['open_seconds']:.2f} s)"
+    )
+    print(
+        f"{'reopen from cache+chunks':28}{warm['seconds']:>10.2f}{warm['peak_rss'] / gb:>16.2f}"
+        f"   (open alone {warm['open_seconds']:.2f} s)"
+    )
     tr = cold["seconds"] / ref["seconds"]
     mr = cold["peak_rss"] / ref["peak_rss"]
     print(f"time ratio  ours/pickle = {tr:.3f}  (target <= 0.200)  {'OK' if tr <= 0.2 else 'MISSED'}")
     print(f"RSS ratio   ours/pickle = {mr:.3f}  (target <= 0.250)  {'OK' if mr <= 0.25 else 'MISSED'}")
-    print(f"reopen      {warm['open_seconds']:.2f} s (target <= 1 s)  {'OK' if warm['open_seconds'] <= 1 else 'MISSED'}")
+    print(
+        f"reopen      {warm['open_seconds']:.2f} s (target <= 1 s)  {'OK' if warm['open_seconds'] <= 1 else 'MISSED'}"
+    )
     print(f"torch imported by dcp_explorer: {cold['torch_imported']}")
 
 

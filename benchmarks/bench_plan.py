@@ -63,7 +63,9 @@ PAD = -7
 FIELDS = ("dest_offset", "dest_offsets", "storage_offset", "storage_offsets", "lengths")
 
 
-def encode(fqns: list[str], types: list[int], dest_idx: list, stor_idx: list, tuples: dict[str, list], width: int):
+def encode(
+    fqns: list[str], types: list[int], dest_idx: list, stor_idx: list, tuples: dict[str, list], width: int
+):
     """Pack ReadItem fields (one list per field, one entry per item) into (fqn array, int64 matrix)."""
     n = len(fqns)
     cols = [np.asarray(types, np.int64)[:, None],
@@ -136,7 +138,9 @@ def worker_ours(a: argparse.Namespace) -> None:
                        {k: df[k].tolist() for k in FIELDS}, width)  # fmt: skip
         arrays[f"fqn_{r}"], arrays[f"int_{r}"] = fq, m
         row = per_rank.iloc[r]
-        arrays[f"per_rank_{r}"] = np.array([row["read_items"], row["bytes_needed"], row["bytes_read"]], np.int64)
+        arrays[f"per_rank_{r}"] = np.array(
+            [row["read_items"], row["bytes_needed"], row["bytes_read"]], np.int64
+        )
     np.savez(a.out, **arrays)
     print(json.dumps({"open_seconds": t_open, "from_cache": bool(getattr(ck, "from_cache", False)),
                       "simulate_seconds": t_sim, "seconds": t_all, "cpu_seconds": c_all, "peak_rss": rss, "peak_rss_open": rss_open,
@@ -166,7 +170,9 @@ def worker_torch(a: argparse.Namespace) -> None:
     from torch.distributed.tensor.placement_types import _StridedShard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from dcp_explorer.layout import Replicate as R_, Shard as S_, parse_mesh
+    from dcp_explorer.layout import Replicate as R_
+    from dcp_explorer.layout import Shard as S_
+    from dcp_explorer.layout import parse_mesh
     from dcp_explorer.plan import resolve_placements
 
     t = time.perf_counter()
@@ -196,7 +202,9 @@ def worker_torch(a: argparse.Namespace) -> None:
             shape = tuple(v.size)
             p = rule(fqn, shape)
             pls_of[fqn] = None if p is None else torch_pls(p)
-    mapping = {fqn: tuple(md.planner_data.get(fqn, (fqn,))) if md.planner_data else (fqn,) for fqn, _ in entries}
+    mapping = {
+        fqn: tuple(md.planner_data.get(fqn, (fqn,))) if md.planner_data else (fqn,) for fqn, _ in entries
+    }
 
     ranks = [int(r) for r in a.ranks.split(",")]
     times, cpu, gc_times, arrays = [], [], [], {}
@@ -227,7 +235,9 @@ def worker_torch(a: argparse.Namespace) -> None:
                 local_shape, _ = compute_local_shape_and_global_offset(shape, mesh, pls)
                 stride = torch.empty(shape, device="meta").stride()
                 local = torch.empty(local_shape, dtype=dtype, device="meta")
-                flat_in[fqn] = DTensor.from_local(local, mesh, pls, run_check=False, shape=shape, stride=stride)
+                flat_in[fqn] = DTensor.from_local(
+                    local, mesh, pls, run_check=False, shape=shape, stride=stride
+                )
             nested = unflatten_state_dict(flat_in, mapping)
             sd = {k: nested[k] for k in sorted(nested)}  # dcp.load sorts the top-level keys
             flat, _ = flatten_state_dict(sd)  # DefaultLoadPlanner.set_up_planner
@@ -248,7 +258,7 @@ def worker_torch(a: argparse.Namespace) -> None:
             di.append(it.dest_index.index)
             si.append(it.storage_index.index)
             for k, v in zip(FIELDS, (it.dest_index.offset, it.dest_offsets, it.storage_index.offset,
-                                     it.storage_offsets, it.lengths)):  # fmt: skip
+                                     it.storage_offsets, it.lengths), strict=True):  # fmt: skip
                 tup[k].append(None if v is None else tuple(v))
             if it.storage_index.fqn != it.dest_index.fqn:
                 raise SystemExit(f"storage fqn {it.storage_index.fqn} != dest fqn {it.dest_index.fqn}")
@@ -295,7 +305,9 @@ def compare(ranks: list[int], ours_npz: str, torch_npz: str, width: int) -> list
         bad = (of[:n] != tf[:n]) | (oi[:n] != ti[:n]).any(axis=1)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            diff = ", ".join(f"{names[c]}: ours {oi[i, c]} torch {ti[i, c]}" for c in np.flatnonzero(oi[i] != ti[i]))
+            diff = ", ".join(
+                f"{names[c]}: ours {oi[i, c]} torch {ti[i, c]}" for c in np.flatnonzero(oi[i] != ti[i])
+            )
             problems.append(f"rank {r}: {int(bad.sum()):,} ReadItems differ; first at #{i}: fqn ours {str(of[i])!r} "
                             f"torch {str(tf[i])!r}; {diff or 'same int fields'}")  # fmt: skip
         op, tp = o[f"per_rank_{r}"], t[f"per_rank_{r}"]
@@ -340,7 +352,10 @@ def main() -> None:
     print(f"synthetic Llama-{a.size} FSDP x {a.ranks} ranks: {meta} ({meta.stat().st_size / 1e6:.0f} MB)")
     print(f"load on mesh {mesh} ({W} ranks), preset {a.preset!r}; torch sampled on ranks {ranks}")
     load = os.getloadavg()[0]
-    print(f"load average {load:.2f} on {os.cpu_count()} CPUs" + ("  (busy machine: wall times are inflated)" if load > 1.5 else ""))
+    print(
+        f"load average {load:.2f} on {os.cpu_count()} CPUs"
+        + ("  (busy machine: wall times are inflated)" if load > 1.5 else "")
+    )
     gb = 1 << 30
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
@@ -352,13 +367,17 @@ def main() -> None:
               f"not in the ratio), peak RSS after open {ours['peak_rss_open'] / gb:.2f} GiB")  # fmt: skip
         print(f"ours  simulate_load {ours['simulate_seconds']:.2f} s + per_rank -> {ours['seconds']:.2f} s for all {W} ranks"
               f"  (target <= 5 s: {'OK' if ours['seconds'] <= 5 else 'MISSED'})")  # fmt: skip
-        print(f"ours  peak RSS (VmHWM) {ours['peak_rss'] / gb:.2f} GiB; torch imported: {ours['torch_imported']}")
+        print(
+            f"ours  peak RSS (VmHWM) {ours['peak_rss'] / gb:.2f} GiB; torch imported: {ours['torch_imported']}"
+        )
         print(f"totals: {t['read_items']:,} read items, {t['bytes_needed'] / 1e12:.3f} TB needed, "
               f"{t['bytes_read'] / 1e12:.3f} TB read (amplification x{t['amplification']:.2f}); "
               f"{t['errors']} errors, {t['warnings']} warnings")  # fmt: skip
         if a.skip_torch:
             return
-        print(f"\ntorch planning {len(ranks)} sampled ranks (fake process group, meta DTensors) ...", flush=True)
+        print(
+            f"\ntorch planning {len(ranks)} sampled ranks (fake process group, meta DTensors) ...", flush=True
+        )
         ref = run("torch", a, str(Path(tmp) / "torch.npz"), ranks, env)
         per = float(np.mean(ref["rank_seconds"]))
         total = per * W
@@ -367,7 +386,9 @@ def main() -> None:
         print(f"torch create_default_local_load_plan: {per:.3f} s/rank (min {min(ref['rank_seconds']):.3f}, "
               f"max {max(ref['rank_seconds']):.3f}) x {W} ranks = {total:.0f} s ({total / 60:.1f} min) extrapolated")  # fmt: skip
         cpu_total = float(np.mean(ref["rank_cpu_seconds"])) * W
-        print(f"      CPU time: {cpu_total / W:.3f} s/rank x {W} = {cpu_total:.0f} s; ours {ours['cpu_seconds']:.2f} s CPU")
+        print(
+            f"      CPU time: {cpu_total / W:.3f} s/rank x {W} = {cpu_total:.0f} s; ours {ours['cpu_seconds']:.2f} s CPU"
+        )
         ratio = total / ours["seconds"]
         verdict = ("OK" if ratio >= 500 else "MISSED") if a.size == "405b" else "applies to the 405B run"
         print(f"ratio torch/ours = {ratio:,.0f}x wall (target >= 500x: {verdict}), "
@@ -380,7 +401,9 @@ def main() -> None:
         for p in problems[:20]:
             print("  " + p)
         sys.exit(1)
-    print(f"\nReadItems equal on {len(ranks)} sampled ranks (and their per_rank read_items/bytes_needed/bytes_read)")
+    print(
+        f"\nReadItems equal on {len(ranks)} sampled ranks (and their per_rank read_items/bytes_needed/bytes_read)"
+    )
 
 
 if __name__ == "__main__":

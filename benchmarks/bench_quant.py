@@ -195,10 +195,34 @@ def main(argv: list[str] | None = None) -> int:
     e = 7  # an expert in the middle
     cases = [
         ("fp8_whole", fp8, FP8_NAME, None, "a. FP8 [7168, 18432] whole"),
-        ("fp8_shard", fp8, FP8_NAME, [[3584, 13824], [7168, 18432]], "b. FP8 shard rows 3584:7168, cols 13824:18432"),
-        ("fp8_ragged", fp8, FP8_NAME, [[1000, 77], [4500, 9000]], "b. FP8 ragged rows 1000:4500, cols 77:9000"),
-        ("mx_expert", mx, MX_NAME + "_blocks", [[e, 0, 0], [e + 1, 5760, 2880]], "c. MXFP4 one expert [5760, 2880]"),
-        ("mx_dcp_load", mx, MX_NAME + "_blocks", None, "   MXFP4 whole [32, 5760, 2880] vs dcp.load (fills 1/32)"),
+        (
+            "fp8_shard",
+            fp8,
+            FP8_NAME,
+            [[3584, 13824], [7168, 18432]],
+            "b. FP8 shard rows 3584:7168, cols 13824:18432",
+        ),
+        (
+            "fp8_ragged",
+            fp8,
+            FP8_NAME,
+            [[1000, 77], [4500, 9000]],
+            "b. FP8 ragged rows 1000:4500, cols 77:9000",
+        ),
+        (
+            "mx_expert",
+            mx,
+            MX_NAME + "_blocks",
+            [[e, 0, 0], [e + 1, 5760, 2880]],
+            "c. MXFP4 one expert [5760, 2880]",
+        ),
+        (
+            "mx_dcp_load",
+            mx,
+            MX_NAME + "_blocks",
+            None,
+            "   MXFP4 whole [32, 5760, 2880] vs dcp.load (fills 1/32)",
+        ),
     ]
     try:
         load = os.getloadavg()[0]
@@ -209,10 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for threads in args.threads.split(","):
         for case, path, name, region, label in cases:
-            r = _run(threads, case, path, name, min(args.repeat, 2) if case == "mx_dcp_load" else args.repeat, region)
+            r = _run(
+                threads,
+                case,
+                path,
+                name,
+                min(args.repeat, 2) if case == "mx_dcp_load" else args.repeat,
+                region,
+            )
             ratio = float(r["torch"]) / float(r["ours"])
-            eq = r["equal"] if case != "mx_dcp_load" else f"first G: {r['equal_first_g']} (torch fills {r['filled_fraction']:.1%})"
-            print(f"{label:58s} {r['threads']!s:>7s} {r['ours']:8.3f} {r['torch']:8.3f} {ratio:6.1f}x  {eq}", flush=True)
+            eq = (
+                r["equal"]
+                if case != "mx_dcp_load"
+                else f"first G: {r['equal_first_g']} (torch fills {r['filled_fraction']:.1%})"
+            )
+            print(
+                f"{label:58s} {r['threads']!s:>7s} {r['ours']:8.3f} {r['torch']:8.3f} {ratio:6.1f}x  {eq}",
+                flush=True,
+            )
             results.append({"case": case, **r, "ratio": ratio})
     head = [r for r in results if r["case"] in ("fp8_whole", "mx_expert")]
     ok = all(r["ratio"] >= 10 for r in head)

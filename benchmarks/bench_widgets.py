@@ -96,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     if m.ndim == 2:
         for tp in (4, 16, 2):
             if m.size % tp == 0:
-                mesh_edits.append(timed(lambda tp=tp: setattr(r.mesh, "value", f"{m.names[0]}={m.size // tp},{m.names[1]}={tp}"))[0])
+                mesh_edits.append(
+                    timed(
+                        lambda tp=tp: setattr(
+                            r.mesh, "value", f"{m.names[0]}={m.size // tp},{m.names[1]}={tp}"
+                        )
+                    )[0]
+                )
     presets: list[float] = []
     r.mesh.value = str(m)  # back to the starting mesh (cached plan)
     for p in ("hsdp", "fsdp", "replicate") if m.ndim == 2 else ("fsdp", "replicate"):

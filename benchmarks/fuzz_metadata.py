@@ -46,7 +46,6 @@ import os
 import pickle
 import random
 import signal
-import struct
 import sys
 import time
 import traceback
@@ -199,7 +198,9 @@ def _items(ck: Path, zstd: bool) -> list[bytes]:
 # ============================================================================================
 # mutations
 # ============================================================================================
-_OPCODES = b"(.012NK\x88\x89)\x85\x86\x87t]}\x8fld\x91aesu\x90bR\x81\x92\x93hjq\x94\x95\x8c\x8d\x8eBCXTUVJMLIr"
+_OPCODES = (
+    b"(.012NK\x88\x89)\x85\x86\x87t]}\x8fld\x91aesu\x90bR\x81\x92\x93hjq\x94\x95\x8c\x8d\x8eBCXTUVJMLIr"
+)
 _INTS = [0, 1, 2, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF,
          1 << 32, 1 << 62, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]  # fmt: skip
 _DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "F4",
@@ -310,14 +311,20 @@ def _edit_header(rnd: random.Random, data: bytes, others: list[bytes]) -> bytes:
                     try:
                         d = json.loads(info)
                         kk = rnd.choice(list(d)) if d else "w"
-                        d[kk] = rnd.choice([{"saved_offsets": _rand_value(rnd)}, _rand_value(rnd),
-                                            {"saved_offsets": [rnd.randrange(-2, 50) for _ in range(3)]}])
+                        d[kk] = rnd.choice(
+                            [
+                                {"saved_offsets": _rand_value(rnd)},
+                                _rand_value(rnd),
+                                {"saved_offsets": [rnd.randrange(-2, 50) for _ in range(3)]},
+                            ]
+                        )
                         meta["DCP_SHARDING_INFO"] = json.dumps(d)
                     except ValueError:
                         meta["DCP_SHARDING_INFO"] = info[: rnd.randrange(len(info) + 1)]
                 else:
                     meta[rnd.choice(["format", "DCP_SHARDING_INFO", "x"])] = (
-                        _rand_value(rnd) if rnd.random() < 0.5 else json.dumps(_rand_value(rnd)))
+                        _rand_value(rnd) if rnd.random() < 0.5 else json.dumps(_rand_value(rnd))
+                    )
             else:
                 header["__metadata__"] = _rand_value(rnd)
         elif op == 6:
@@ -404,7 +411,9 @@ class _Spoofs:
                     return spoofs.size, (tuple(o),)
                 return NotImplemented
 
-        for o in _standins(obj):  # stand-ins become torch-named twins, dtype names objects named torch.<dtype>
+        for o in _standins(
+            obj
+        ):  # stand-ins become torch-named twins, dtype names objects named torch.<dtype>
             if type(o) in self.cls:
                 if isinstance(o, sp.TensorProperties) and type(getattr(o, "dtype", None)) is sp.DType:
                     o.dtype = self.dtype(str(o.dtype))
@@ -523,7 +532,9 @@ def _edit_metadata(rnd: random.Random, md: Any) -> None:
         elif op == 3 and tsm is not None:
             props = tsm.__dict__.get("properties")
             if props is not None:
-                props.dtype = sp.DType(rnd.choice(sorted(sp._TORCH_DTYPES))) if rnd.random() < 0.8 else "float99"
+                props.dtype = (
+                    sp.DType(rnd.choice(sorted(sp._TORCH_DTYPES))) if rnd.random() < 0.8 else "float99"
+                )
         elif op == 4 and info is not None:  # where the bytes are
             f = rnd.choice(("offset", "length"))
             info.__dict__[f] = rnd.choice((0, -1, 1 << 40, 1 << 63, rnd.randrange(100000), None, "7"))
@@ -531,7 +542,9 @@ def _edit_metadata(rnd: random.Random, md: Any) -> None:
             info.__dict__["relative_path"] = rnd.choice(("../x.distcp", "/etc/passwd", "", "a/b.distcp",
                                                          "__9_0.distcp", "C:\\x", 5, None))  # fmt: skip
         elif op == 6 and info is not None:
-            info.__dict__["transform_descriptors"] = rnd.choice((["stream.zstd/1"], ["x"], "stream.zstd/1", [3], []))
+            info.__dict__["transform_descriptors"] = rnd.choice(
+                (["stream.zstd/1"], ["x"], "stream.zstd/1", [3], [])
+            )
         elif op == 7 and key is not None:  # the index pointing at a chunk
             f = rnd.choice(("fqn", "offset", "index"))
             key.__dict__[f] = rnd.choice((None, 0, 3, -1, 1 << 40, "model.x", (0,), (0, 0), fqn))
@@ -548,7 +561,9 @@ def _edit_metadata(rnd: random.Random, md: Any) -> None:
 
 
 MUTATORS: dict[str, Callable[[random.Random, bytes, list[bytes]], bytes]] = {
-    "metadata": lambda r, d, o: mutate_metadata_objects(r, d, o) if r.random() < 0.5 else mutate_bytes(r, d, o),
+    "metadata": lambda r, d, o: (
+        mutate_metadata_objects(r, d, o) if r.random() < 0.5 else mutate_bytes(r, d, o)
+    ),
     "safetensors": lambda r, d, o: mutate_safetensors(r, d, o) if r.random() < 0.8 else mutate_bytes(r, d, o),
     "item": mutate_bytes,
 }
@@ -567,7 +582,9 @@ class Fuzzer:
         self.findings_dir = findings
         self.rnd = random.Random(seed)
         self.exec_timeout = exec_timeout
-        self.stats: dict[str, dict[str, int]] = {t: {"execs": 0, "ok": 0, "error": 0, "findings": 0} for t in seeds}
+        self.stats: dict[str, dict[str, int]] = {
+            t: {"execs": 0, "ok": 0, "error": 0, "findings": 0} for t in seeds
+        }
         self.findings: list[dict[str, Any]] = []
         self._signatures: set[tuple[str, str, str]] = set()
         self._last = open(last_input, "wb") if last_input else None  # noqa: SIM115 - closed in close()
@@ -611,13 +628,19 @@ class Fuzzer:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         peak = _peak_rss_kib()
         if peak - self._rss_peak > self._max_growth_kib:
-            outcome = self._finding(target, data, "memory", f"peak RSS grew by {(peak - self._rss_peak) >> 10} MiB")
+            outcome = self._finding(
+                target, data, "memory", f"peak RSS grew by {(peak - self._rss_peak) >> 10} MiB"
+            )
             self._rss_peak = peak
         self.stats[target][outcome if outcome in ("ok", "error") else "findings"] += 1
         return outcome
 
     def _finding(self, target: str, data: bytes, kind: str, detail: str) -> str:
-        sig = (target, kind, detail.split(":", 2)[0] + detail.split(":", 2)[1] if detail.count(":") >= 2 else detail)
+        sig = (
+            target,
+            kind,
+            detail.split(":", 2)[0] + detail.split(":", 2)[1] if detail.count(":") >= 2 else detail,
+        )
         if sig in self._signatures:
             return "finding"
         self._signatures.add(sig)
@@ -627,7 +650,9 @@ class Fuzzer:
             self.findings_dir.mkdir(parents=True, exist_ok=True)
             path = self.findings_dir / f"{target}-{digest}.bin"
             path.write_bytes(data)
-        self.findings.append({"target": target, "kind": kind, "detail": detail, "file": str(path) if path else None})
+        self.findings.append(
+            {"target": target, "kind": kind, "detail": detail, "file": str(path) if path else None}
+        )
         return "finding"
 
     def run(self, seconds: float, targets: list[str]) -> dict[str, Any]:
@@ -677,11 +702,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", choices=(*TARGETS, "all"), default="all")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--samples", default=None, help="JSON {name: directory}; default: dcp_explorer.samples")
-    ap.add_argument("--findings", default=str(DEFAULT_FINDINGS), help="where to save inputs that break the contract")
-    ap.add_argument("--exec-timeout", type=float, default=5.0, help="seconds one input may take (0: no limit)")
+    ap.add_argument(
+        "--findings", default=str(DEFAULT_FINDINGS), help="where to save inputs that break the contract"
+    )
+    ap.add_argument(
+        "--exec-timeout", type=float, default=5.0, help="seconds one input may take (0: no limit)"
+    )
     ap.add_argument("--max-memory", type=float, default=4.0, help="GiB of address space (0: no limit)")
     ap.add_argument("--last-input", default=None, help="file holding the input being run (for crashes)")
-    ap.add_argument("--atheris", action="store_true", help="coverage-guided fuzzing with atheris (one target)")
+    ap.add_argument(
+        "--atheris", action="store_true", help="coverage-guided fuzzing with atheris (one target)"
+    )
     args, rest = ap.parse_known_args(argv)
     if args.max_memory:
         import resource

@@ -137,7 +137,9 @@ def build_metadata(size: str = "405b", ranks: int = 1024, optimizer: bool = True
 
 def synthetic_dir(size: str = "405b", ranks: int = 1024, root: str | os.PathLike | None = None) -> Path:
     """A directory holding only the synthetic ``.metadata`` (built once, cached)."""
-    base = Path(root or os.environ.get("DCP_EXPLORER_BENCH_DIR", Path.home() / ".cache" / "dcp_explorer_bench"))
+    base = Path(
+        root or os.environ.get("DCP_EXPLORER_BENCH_DIR", Path.home() / ".cache" / "dcp_explorer_bench")
+    )
     import torch
 
     tag = hashlib.sha1(f"{size}-{ranks}-{torch.__version__}-v2".encode()).hexdigest()[:8]

@@ -24,7 +24,17 @@ from .model import CheckpointIndex, ChunkColumns
 __all__ = ["cache_dir", "cache_key", "load_cached", "store_cached"]
 
 CACHE_VERSION = 3  # 3: chunk-layout warnings (holes, overlaps) are part of the cached index
-_COLS = ("entry", "coord_start", "offsets", "sizes", "file", "byte_offset", "byte_length", "rank", "transform")
+_COLS = (
+    "entry",
+    "coord_start",
+    "offsets",
+    "sizes",
+    "file",
+    "byte_offset",
+    "byte_length",
+    "rank",
+    "transform",
+)
 
 
 def cache_dir() -> Path:

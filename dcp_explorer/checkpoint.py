@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 import os
 import posixpath
@@ -16,7 +15,7 @@ import numpy as np
 
 from . import cache as _cache
 from .errors import ByteRangeError, ChunkFileMissing, DcpExplorerError, MetadataError
-from .model import KIND_BYTES, CheckpointIndex, ChunkInfo, TensorInfo
+from .model import CheckpointIndex, ChunkInfo, TensorInfo
 from .readers import get_reader, guess_reader
 from .store import Store, open_store
 
@@ -297,11 +296,13 @@ def _layout_problems(index: CheckpointIndex, where: str) -> list[str]:
     is_tensor = index.kinds == 0
     cap = 1 << 62
     ints = [all(isinstance(x, int) for x in s) for s in shapes]
-    numel = np.array([min(max(math.prod(s), 0), cap) if ok else 0 for s, ok in zip(shapes, ints)], np.int64)
+    numel = np.array(
+        [min(max(math.prod(s), 0), cap) if ok else 0 for s, ok in zip(shapes, ints, strict=True)], np.int64
+    )
     nd_entry = np.array([len(s) for s in shapes], np.int64)
     maxk = int(nd_entry.max(initial=0))
     shape_mat = np.zeros((n, maxk), np.int64)
-    for e, (s, ok) in enumerate(zip(shapes, ints)):
+    for e, (s, ok) in enumerate(zip(shapes, ints, strict=True)):
         if ok and s:
             shape_mat[e, : len(s)] = [min(max(x, 0), cap) for x in s]
     outside = np.zeros(n, bool)
@@ -335,7 +336,9 @@ def _layout_problems(index: CheckpointIndex, where: str) -> list[str]:
     covered = cs[index.chunk_start[1:]] - cs[index.chunk_start[:-1]]
     # tensors to look at box by box: counts that do not add up, and (exactly, on a grid) those of few chunks
     nchunks = np.diff(index.chunk_start)
-    look = np.flatnonzero(is_tensor & ~outside & ((covered != numel) | ((nchunks >= 2) & (nchunks <= _EXACT_CHUNKS))))
+    look = np.flatnonzero(
+        is_tensor & ~outside & ((covered != numel) | ((nchunks >= 2) & (nchunks <= _EXACT_CHUNKS)))
+    )
     holes: list[tuple[int, int]] = []
     overlaps: list[tuple[int, int]] = []
     co = c.coord_start
@@ -489,7 +492,9 @@ def open_checkpoint(
     if cache:
         files = reader.cache_files(store, **kwargs)
         stats = [(f, *store.stat_key(f)) for f in files or ()]
-        if files and all(s[-1] is not None for s in stats):  # no mtime/etag: a same-size rewrite would go unseen
+        if files and all(
+            s[-1] is not None for s in stats
+        ):  # no mtime/etag: a same-size rewrite would go unseen
             full = posixpath.join(store.root, "") if store.root else ""
             key = _cache.cache_key(
                 reader.name, type(store.fs).__name__, full, sorted(kwargs.items()), stats,
@@ -507,4 +512,6 @@ def open_checkpoint(
         if key is not None:
             _cache.store_cached(key, index)
     problems = _validate(index, store, strict)
-    return Checkpoint(index, store, warnings=problems, open_seconds=time.perf_counter() - t0, from_cache=from_cache)
+    return Checkpoint(
+        index, store, warnings=problems, open_seconds=time.perf_counter() - t0, from_cache=from_cache
+    )

@@ -36,9 +36,13 @@ def _info_text(ckpt: Any, top: int) -> str:
     ]
     if s["quantized"]:
         lines.append(f"  quantized     {s['quantized']:,} tensors")
-    lines.append("  dtypes        " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(s["dtypes"].items())))
+    lines.append(
+        "  dtypes        " + ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(s["dtypes"].items()))
+    )
     if ckpt.open_seconds is not None:
-        lines.append(f"  opened in     {ckpt.open_seconds:.2f} s" + (" (from cache)" if ckpt.from_cache else ""))
+        lines.append(
+            f"  opened in     {ckpt.open_seconds:.2f} s" + (" (from cache)" if ckpt.from_cache else "")
+        )
     t = ckpt.tensors
     if len(t):
         lines.append("")
@@ -106,7 +110,11 @@ def tensor_stats(t: Any) -> dict[str, Any]:
     """shape, dtype, min/max/mean/std and NaN/Inf counts of a tensor (computed in float64)."""
     import torch
 
-    out: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel()}
+    out: dict[str, Any] = {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "numel": t.numel(),
+    }
     if t.numel() == 0:
         return out
     x = t.to(torch.float64) if not t.is_complex() else t.abs().to(torch.float64)
@@ -258,7 +266,9 @@ def _lab_check(cmd: list[str], notebooks: str, timeout: float = 120.0) -> int:
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         err = proc.stderr.read() if proc.stderr else ""
-                        print(f"dcp-explorer: error: JupyterLab did not start:\n{err[-2000:]}", file=sys.stderr)
+                        print(
+                            f"dcp-explorer: error: JupyterLab did not start:\n{err[-2000:]}", file=sys.stderr
+                        )
                         return 2
                     time.sleep(0.5)
             names = sorted(x["name"] for x in listing.get("content", []) if x["name"].endswith(".ipynb"))
@@ -316,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--preset", choices=["fsdp", "hsdp", "fsdp_tp", "replicate"], help="placement preset")
     pl.add_argument("--placements", help='JSON rules, e.g. \'{"*.wq.weight": ["SS(0,2)", "S(0)"]}\'')
     pl.add_argument("--partial", action="store_true", help="allow_partial_load: missing keys are not errors")
-    pl.add_argument("--json", action="store_true", help="totals, per-rank and per-file tables and problems as JSON")
-    pl.add_argument("--csv", help="write the per-rank table (or every ReadItem with --reads) to this CSV file")
+    pl.add_argument(
+        "--json", action="store_true", help="totals, per-rank and per-file tables and problems as JSON"
+    )
+    pl.add_argument(
+        "--csv", help="write the per-rank table (or every ReadItem with --reads) to this CSV file"
+    )
     pl.add_argument("--reads", action="store_true", help="with --csv: every ReadItem of every rank")
     pl.add_argument("--top", type=int, default=8, help="how many of the busiest ranks to list")
     pl.add_argument("--lenient", action="store_true", help="open with missing/short data files as warnings")
@@ -344,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .diff import add_arguments as _diff_arguments
 
-    df = sub.add_parser("diff", help="compare two checkpoints (exit 0 equal within tolerance, 1 different, 2 error)")
+    df = sub.add_parser(
+        "diff", help="compare two checkpoints (exit 0 equal within tolerance, 1 different, 2 error)"
+    )
     _diff_arguments(df)
     df.set_defaults(func=_cmd_diff)
 
@@ -360,8 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--ip", default="127.0.0.1")
     lb.add_argument("--no-browser", action="store_true")
     lb.add_argument("--dry-run", action="store_true", help="make the samples and print the command only")
-    lb.add_argument("--check", action="store_true",
-                    help="start the server headless, check it serves the notebooks, stop (the default when CI=true)")
+    lb.add_argument(
+        "--check",
+        action="store_true",
+        help="start the server headless, check it serves the notebooks, stop (the default when CI=true)",
+    )
     lb.add_argument("extra", nargs=argparse.REMAINDER, help="further arguments for jupyter lab")
     lb.set_defaults(func=_cmd_lab)
 

@@ -47,6 +47,7 @@ fp8 values, dequantization, the distributed mode).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -100,7 +101,17 @@ STATUSES: tuple[str, ...] = (
 )
 
 #: Kinds of change in the ``changes`` column; ``ignore=`` takes any of them.
-CHANGES: tuple[str, ...] = ("only_in_a", "only_in_b", "kind", "shape", "dtype", "layout", "values", "bytes", "error")
+CHANGES: tuple[str, ...] = (
+    "only_in_a",
+    "only_in_b",
+    "kind",
+    "shape",
+    "dtype",
+    "layout",
+    "values",
+    "bytes",
+    "error",
+)
 
 #: Elements per compute sub-block: three float64 buffers of this size stay in the L2 cache.
 _SUB = 1 << 15
@@ -327,7 +338,9 @@ class CheckpointDiff:
         col["equal"] = pd.array([r.equal for r in rows], dtype="boolean")
         col["numel"] = np.array([r.numel for r in rows], np.int64)
         for name in ("max_abs_diff", "mean_abs_diff", "rel_l2", "cosine"):
-            col[name] = np.array([np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], np.float64)
+            col[name] = np.array(
+                [np.nan if getattr(r, name) is None else getattr(r, name) for r in rows], np.float64
+            )
         for name in ("num_outside", "num_nonfinite"):
             col[name] = pd.array([getattr(r, name) for r in rows], dtype="Int64")
         obj("first_diff_index", (r.first_diff_index for r in rows))
@@ -487,7 +500,9 @@ class CheckpointDiff:
             raise ValueError(f"stat must be 'max', 'mean' or 'count', got {stat!r}")
         r = self._row(fqn)
         if r.kind != "tensor" or r.fqn_a is None or r.fqn_b is None or r.shape_a != r.shape_b:
-            raise ValueError(f"{fqn!r} is not a tensor of the same shape in both checkpoints (status {r.status})")
+            raise ValueError(
+                f"{fqn!r} is not a tensor of the same shape in both checkpoints (status {r.status})"
+            )
         shape = tuple(r.shape_a or ())
         nd = len(shape)
         if isinstance(block, (int, np.integer)):
@@ -499,8 +514,8 @@ class CheckpointDiff:
             tile = tile + tuple(shape[len(tile) :])
         if any(t <= 0 for t in tile):
             raise ValueError(f"block sizes must be positive, got {tile}")
-        tile = tuple(max(1, min(t, s)) if s else 1 for t, s in zip(tile, shape))
-        grid = tuple(-(-s // t) for s, t in zip(shape, tile))
+        tile = tuple(max(1, min(t, s)) if s else 1 for t, s in zip(tile, shape, strict=True))
+        grid = tuple(-(-s // t) for s, t in zip(shape, tile, strict=True))
         src_a, src_b = self._sources()
         budget = int(block_bytes or self.options.get("block_bytes") or (32 << 20)) // 24
         out = np.zeros(grid, np.float64)
@@ -520,7 +535,7 @@ class CheckpointDiff:
             for ax in range(nd):
                 idx = np.arange(0, stops[ax] - starts[ax], tile[ax])
                 x = (np.maximum if red_max else np.add).reduceat(x, idx, axis=ax)
-            gs = tuple(slice(a // t, -(-b // t)) for a, b, t in zip(starts, stops, tile))
+            gs = tuple(slice(a // t, -(-b // t)) for a, b, t in zip(starts, stops, tile, strict=True))
             if nd == 0:
                 out[()] = x
                 if cnt is not None:
@@ -528,7 +543,7 @@ class CheckpointDiff:
                 continue
             out[gs] = x
             if cnt is not None:
-                c = np.ones([b - a for a, b in zip(starts, stops)], np.float64)
+                c = np.ones([b - a for a, b in zip(starts, stops, strict=True)], np.float64)
                 for ax in range(nd):
                     c = np.add.reduceat(c, np.arange(0, stops[ax] - starts[ax], tile[ax]), axis=ax)
                 cnt[gs] = c
@@ -605,7 +620,7 @@ def diff_html(d: CheckpointDiff, max_rows: int = 30) -> str:
 
     s = d.summary()
     ok = d.equal
-    verdict = ("<b style='color:#2a7a2a'>equal</b>" if ok else "<b style='color:#b00020'>different</b>")
+    verdict = "<b style='color:#2a7a2a'>equal</b>" if ok else "<b style='color:#b00020'>different</b>"
     if d.errors:
         verdict = "<b style='color:#b00020'>error</b>"
     facts = [
@@ -672,7 +687,9 @@ class _Source:
         """Sorted distinct non-empty chunks, one row ``offsets + sizes + [saving rank]`` each (rank -1: unknown)."""
         raise NotImplementedError
 
-    def read(self, e: _Entry, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    def read(
+        self, e: _Entry, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Raw elements (the value dtype's bits, :data:`~dcp_explorer.load.RAW_NUMPY`) of a box."""
         raise NotImplementedError
 
@@ -739,8 +756,14 @@ class _CkptSource(_Source):
         k = int(nds[0])
         rank = c.rank[a:b].astype(np.int64)
         if (nds != k).any():  # ragged (should not happen): compare as sorted tuples
-            rows = {(tuple(c.offsets[int(cs[i]) : int(cs[i + 1])].tolist()),
-                     tuple(c.sizes[int(cs[i]) : int(cs[i + 1])].tolist()), int(rank[i])) for i in range(b - a)}
+            rows = {
+                (
+                    tuple(c.offsets[int(cs[i]) : int(cs[i + 1])].tolist()),
+                    tuple(c.sizes[int(cs[i]) : int(cs[i + 1])].tolist()),
+                    int(rank[i]),
+                )
+                for i in range(b - a)
+            }
             out = np.empty(len(rows), dtype=object)
             out[:] = sorted(r for r in rows if all(s > 0 for s in r[1]))
             return out
@@ -749,7 +772,9 @@ class _CkptSource(_Source):
         box = box[(box[:, k : 2 * k] > 0).all(axis=1)]
         return np.unique(box, axis=0) if len(box) else box
 
-    def read(self, e: _Entry, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    def read(
+        self, e: _Entry, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
         if e.quant is not None and self.dequantize:
             from .quant import dequantize_region
 
@@ -872,14 +897,16 @@ class _TorchSource(_Source):
             return np.zeros((0, 2 * len(shape) + 1), np.int64)
         return np.array([[0] * len(shape) + list(shape) + [-1]], np.int64)
 
-    def read(self, e: _Entry, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    def read(
+        self, e: _Entry, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
         import torch
 
         from .load import RAW_NUMPY
 
         t = self.values[e.fqn]
         if t.dim():
-            t = t[tuple(slice(int(a), int(b)) for a, b in zip(starts, stops))]
+            t = t[tuple(slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True))]
         t = t.contiguous()
         raw = np.dtype(RAW_NUMPY.get(e.value_dtype or "", "u1"))
         if t.dtype.is_floating_point and t.dtype not in (torch.float16, torch.float32, torch.float64):
@@ -1284,10 +1311,7 @@ class _Stats:
     def result(self) -> dict[str, Any]:
         nfin = self.n - self.nonfinite
         ssa, ssb, ssd = self.ssa, self.ssb, self.ssd
-        if ssa > 0:
-            rel = math.sqrt(ssd) / math.sqrt(ssa)
-        else:
-            rel = 0.0 if ssd == 0 else math.inf
+        rel = math.sqrt(ssd) / math.sqrt(ssa) if ssa > 0 else 0.0 if ssd == 0 else math.inf
         if ssa == 0 and ssb == 0:
             cos = 1.0
         elif ssa == 0 or ssb == 0:
@@ -1323,7 +1347,7 @@ def _boxes(shape: Sequence[int], tile: Sequence[int], budget: int) -> Iterator[t
     if 0 in shape:
         return
     group = [1] * nd  # tiles per box, per dim
-    ntiles = [-(-int(s) // int(t)) for s, t in zip(shape, tile)]
+    ntiles = [-(-int(s) // int(t)) for s, t in zip(shape, tile, strict=True)]
     inner = 1
     for d in range(nd - 1, -1, -1):
         if inner * int(shape[d]) <= budget:
@@ -1522,7 +1546,7 @@ class _Comparer:
 
         def read(k: int) -> tuple[np.ndarray, np.ndarray]:
             starts, stops = boxes[k]
-            bshape = [b - a for a, b in zip(starts, stops)]
+            bshape = [b - a for a, b in zip(starts, stops, strict=True)]
             oa = self.bufs.get(0, k % 2, bshape, rda)
             ob = self.bufs.get(1, k % 2, bshape, rdb)
             return self.a.read(ea, starts, stops, oa), self.b.read(eb, starts, stops, ob)
@@ -1530,7 +1554,7 @@ class _Comparer:
         fut = None
         threaded = len(boxes) > 1
         try:
-            for k, (starts, stops) in enumerate(boxes):
+            for k, (starts, _stops) in enumerate(boxes):
                 if threaded:
                     if fut is None:
                         fut = self._executor().submit(read, k)
@@ -1546,16 +1570,14 @@ class _Comparer:
         finally:
             if fut is not None:  # a prefetch we no longer need: let it finish before its buffer is reused
                 fut.cancel()
-                try:
+                with contextlib.suppress(Exception):
                     fut.result()
-                except Exception:  # noqa: BLE001, S110
-                    pass
         if not st.equal and st.prefix_end:  # rel_l2 and cosine need the norms of the identical prefix too
             for starts, stops in boxes:
                 base = int(np.ravel_multi_index(starts, shape)) if shape else 0
                 if base >= st.prefix_end:
                     break
-                oa = self.bufs.get(0, 0, [b - a for a, b in zip(starts, stops)], rda)
+                oa = self.bufs.get(0, 0, [b - a for a, b in zip(starts, stops, strict=True)], rda)
                 ra = self.a.read(ea, starts, stops, oa).reshape(-1)
                 st.norms_of_prefix(ra[: st.prefix_end - base])
         res = st.result()
@@ -1707,8 +1729,10 @@ def _run(a: Any, b: Any, *, select: Any, rename: Any, atol: float, rtol: float, 
         rank, world = shard if shard is not None else (0, 1)
         todo = work
         if world > 1:
-            costs = [max(p.a.nbytes if p.a else 0, p.b.nbytes if p.b else 0) for p in (pairs[i] for i in work)]
-            todo = [i for i, o in zip(work, _assign(costs, world)) if o == rank]
+            costs = [
+                max(p.a.nbytes if p.a else 0, p.b.nbytes if p.b else 0) for p in (pairs[i] for i in work)
+            ]
+            todo = [i for i, o in zip(work, _assign(costs, world), strict=True) if o == rank]
         ign_set = set(ign)
         stopped = bool(fail_fast and any(set(r.changes) - ign_set for r in rows))
         if stopped:
@@ -1926,24 +1950,34 @@ def _tail(path: pathlib.Path, lines: int = 30) -> str:
 # ============================================================================================
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The diff options, shared by ``python -m dcp_explorer.diff`` and ``dcp-explorer diff``."""
-    p.add_argument("a", help="checkpoint A: DCP directory, safetensors file/directory, torch.save file, or URL")
+    p.add_argument(
+        "a", help="checkpoint A: DCP directory, safetensors file/directory, torch.save file, or URL"
+    )
     p.add_argument("b", help="checkpoint B (the reference for --rtol)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     p.add_argument("--rtol", type=float, default=0.0, help="relative tolerance, relative to B (default 0)")
-    p.add_argument("--select", nargs="+", help="only these entries: names, globs or re:regex (either side's names)")
+    p.add_argument(
+        "--select", nargs="+", help="only these entries: names, globs or re:regex (either side's names)"
+    )
     p.add_argument("--rename", nargs="+", help="map A's names to B's: OLD=NEW prefix rules or re:REGEX=REPL")
-    p.add_argument("--rename-file", help="JSON file with a mapping of rename rules (exact names, prefixes, re:...)")
+    p.add_argument(
+        "--rename-file", help="JSON file with a mapping of rename rules (exact names, prefixes, re:...)"
+    )
     p.add_argument("--rename-json", help=argparse.SUPPRESS)
     p.add_argument("--ignore", nargs="*", choices=CHANGES, default=None,
                    help="kinds of change that do not count as a difference (default: layout)")  # fmt: skip
     p.add_argument("--fail-fast", action="store_true", help="stop at the first difference")
-    p.add_argument("--raw", action="store_true", help="compare FP8/MXFP4 weights as stored codes, not dequantized")
+    p.add_argument(
+        "--raw", action="store_true", help="compare FP8/MXFP4 weights as stored codes, not dequantized"
+    )
     p.add_argument("--block-mib", default="32", help="largest block read per side, MiB (default 32)")
     p.add_argument("--max-rows", type=int, default=50, help="changed entries listed in the text report")
     p.add_argument("--nproc", type=int, default=1, help="without torchrun: local worker processes (gloo)")
     p.add_argument("--out", help="also write the JSON result to this file (rank 0)")
-    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"], help="torchrun mode: backend")
+    p.add_argument(
+        "--backend", default="auto", choices=["auto", "gloo", "nccl"], help="torchrun mode: backend"
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the process group / workers")
 
 

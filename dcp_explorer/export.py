@@ -88,7 +88,11 @@ def export(
     names = select(ckpt.index, selection)
     idx = ckpt.index
     loader = ckpt.loader
-    want = None if dtype is None else (getattr(torch, str(dtype).removeprefix("torch.")) if isinstance(dtype, str) else dtype)
+    want = (
+        None
+        if dtype is None
+        else (getattr(torch, str(dtype).removeprefix("torch.")) if isinstance(dtype, str) else dtype)
+    )
 
     def bar(it: Any, total: int) -> Any:
         if progress or (progress is None and total > 8):

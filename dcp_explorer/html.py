@@ -46,7 +46,11 @@ def table_html(df: pd.DataFrame, max_rows: int = 12) -> str:
     rows = []
     for rec in df.head(max_rows).itertuples(index=False):
         rows.append("<tr>" + "".join(_cell(v.item() if hasattr(v, "item") else v) for v in rec) + "</tr>")
-    more = f"<tr><td colspan={len(df.columns)}>… {len(df) - max_rows:,} more rows</td></tr>" if len(df) > max_rows else ""
+    more = (
+        f"<tr><td colspan={len(df.columns)}>… {len(df) - max_rows:,} more rows</td></tr>"
+        if len(df) > max_rows
+        else ""
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}{more}</tbody></table>"
 
 
@@ -104,7 +108,9 @@ def plan_html(plan: Any) -> str:
     errs = [p for p in plan.problems if p.severity != "info"]
     prob = ""
     if errs:
-        items = "".join(f"<li><code>{escape(p.fqn)}</code> [{escape(p.kind)}] {escape(p.reason)}</li>" for p in errs[:20])
+        items = "".join(
+            f"<li><code>{escape(p.fqn)}</code> [{escape(p.kind)}] {escape(p.reason)}</li>" for p in errs[:20]
+        )
         more = f"<li>… {len(errs) - 20} more</li>" if len(errs) > 20 else ""
         prob = f"<div class='warn'><ul>{items}{more}</ul></div>"
     pr = plan.per_rank.drop(columns=["coordinate"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class Replicate:
         return "R"
 
 
-Placement = Union[Shard, StridedShard, Replicate]
+Placement = Shard | StridedShard | Replicate
 
 _PLACEMENT_RE = re.compile(
     r"^\s*(?:(?P<r>R|Replicate\(\s*\))|(?P<s>S|Shard)\(\s*(?:dim\s*=\s*)?(?P<sd>-?\d+)\s*\)"
@@ -118,7 +118,10 @@ def parse_placement(p: Any) -> Placement:
 def parse_placements(ps: Any) -> tuple[Placement, ...]:
     """A tuple of placements from a sequence or a comma/space separated string ``"SS(0,2), S(0)"``."""
     if isinstance(ps, str):
-        parts = re.findall(r"SS\([^)]*\)|_StridedShard\([^)]*\)|StridedShard\([^)]*\)|S\([^)]*\)|Shard\([^)]*\)|Replicate\(\s*\)|R", ps)
+        parts = re.findall(
+            r"SS\([^)]*\)|_StridedShard\([^)]*\)|StridedShard\([^)]*\)|S\([^)]*\)|Shard\([^)]*\)|Replicate\(\s*\)|R",
+            ps,
+        )
         if not parts:
             raise ValueError(f"no placements in {ps!r}")
         return tuple(parse_placement(p) for p in parts)
@@ -163,7 +166,7 @@ class Mesh:
         return np.stack(np.unravel_index(np.arange(self.size), self.shape), axis=1).astype(np.int64)
 
     def __str__(self) -> str:
-        return ",".join(f"{n}={s}" for n, s in zip(self.names, self.shape))
+        return ",".join(f"{n}={s}" for n, s in zip(self.names, self.shape, strict=True))
 
 
 def parse_mesh(mesh: Any) -> Mesh:
@@ -286,7 +289,9 @@ def _chunk_ranges(n: np.ndarray, k: int, i: Any) -> tuple[np.ndarray, np.ndarray
     return start, np.maximum(0, np.minimum(n, full * (i + 1)) - start)
 
 
-def _select_many(starts: np.ndarray, lens: np.ndarray, a: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _select_many(
+    starts: np.ndarray, lens: np.ndarray, a: np.ndarray, n: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_select` for every row at once: runs ``[R, M]`` (empty runs allowed), positions ``[a, a+n)``."""
     pos = np.cumsum(lens, axis=1) - lens
     lo = np.maximum(a[:, None], pos)
@@ -294,7 +299,9 @@ def _select_many(starts: np.ndarray, lens: np.ndarray, a: np.ndarray, n: np.ndar
     return starts + lo - pos, np.maximum(hi - lo, 0)
 
 
-def all_local_chunks(global_shape: Sequence[int], mesh: Any, placements: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def all_local_chunks(
+    global_shape: Sequence[int], mesh: Any, placements: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray]:
     """Local shapes and global offsets of every rank of ``mesh``: two int64 arrays ``[ranks, ndim]``.
 
     The same answer as :func:`local_chunk` for each rank, computed for all ranks at once: each

@@ -31,7 +31,15 @@ if TYPE_CHECKING:
 
     from .checkpoint import Checkpoint
 
-__all__ = ["Loader", "IOStats", "select", "parse_slices", "RAW_NUMPY", "DEFAULT_MAX_LOAD_BYTES", "max_load_bytes"]
+__all__ = [
+    "Loader",
+    "IOStats",
+    "select",
+    "parse_slices",
+    "RAW_NUMPY",
+    "DEFAULT_MAX_LOAD_BYTES",
+    "max_load_bytes",
+]
 
 #: Largest decompressed bytes entry (a ``torch.save`` of plain containers) decoded without ``trusted=True``.
 BYTES_ITEM_CAP = 64 << 20
@@ -48,6 +56,7 @@ def max_load_bytes() -> int:
         return int(float(env)) if env else DEFAULT_MAX_LOAD_BYTES
     except ValueError:
         return DEFAULT_MAX_LOAD_BYTES
+
 
 #: numpy dtype holding the raw bits of each torch dtype (bf16/fp8 are reinterpreted by torch)
 RAW_NUMPY: dict[str, str] = {
@@ -138,7 +147,7 @@ def parse_slices(spec: Any, shape: Sequence[int]) -> tuple[list[int], list[int],
         raise IndexError(f"{len(spec)} indices for a {nd}-d tensor of shape {tuple(shape)}")
     spec = spec + (slice(None),) * (nd - len(spec))
     starts, stops, steps, squeeze = [], [], [], []
-    for d, (s, n) in enumerate(zip(spec, shape)):
+    for d, (s, n) in enumerate(zip(spec, shape, strict=True)):
         if isinstance(s, (int, np.integer)):
             i = int(s) + (n if s < 0 else 0)
             if not 0 <= i < n:
@@ -313,7 +322,9 @@ class Loader:
                 with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as r:
                     out = r.read(cap + 1)
             except zstandard.ZstdError as e:
-                raise MetadataError(f"item at byte {offset} is not a valid zstd frame ({e})", path=src.where) from e
+                raise MetadataError(
+                    f"item at byte {offset} is not a valid zstd frame ({e})", path=src.where
+                ) from e
             if len(out) > cap:
                 raise MetadataError(f"zstd item at byte {offset} decompresses to more than {cap} bytes, which its "
                                     "metadata allows: refusing (decompression bomb?)", path=src.where)  # fmt: skip
@@ -372,13 +383,19 @@ class Loader:
         if lay.dtype != dtype:
             raise MetadataError(f"stored item holds {lay.dtype}, the metadata says {dtype}", path=src.where)
         isz = np.dtype(RAW_NUMPY[dtype]).itemsize
-        span = 0 if not sizes or 0 in sizes else sum((s - 1) * st for s, st in zip(sizes, lay.stride)) + 1
+        span = (
+            0
+            if not sizes or 0 in sizes
+            else sum((s - 1) * st for s, st in zip(sizes, lay.stride, strict=True)) + 1
+        )
         if (lay.storage_offset + span) * isz > lay.storage_nbytes and span:
             raise MetadataError("stored tensor's view runs past its storage", path=src.where)
         return _Chunk(sizes, lay.stride, dtype, base + lay.data_offset + lay.storage_offset * isz, mem)
 
     # -- regions ----------------------------------------------------------------------------
-    def read_region(self, fqn: str, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    def read_region(
+        self, fqn: str, starts: Sequence[int], stops: Sequence[int], out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Raw elements of ``fqn[starts:stops]`` (stored dtype's bits) assembled from its chunks.
 
         Only the chunks that overlap the region are opened, and of each only the bytes the
@@ -391,7 +408,7 @@ class Loader:
         dtype = idx.dtypes[e] or "uint8"
         if dtype not in RAW_NUMPY:
             raise UnsupportedError(f"dtype {dtype} of {fqn!r} cannot be read")
-        shape_out = tuple(int(b) - int(a) for a, b in zip(starts, stops))
+        shape_out = tuple(int(b) - int(a) for a, b in zip(starts, stops, strict=True))
         if out is None:
             out = np.empty(shape_out, dtype=RAW_NUMPY[dtype])
         a_req = np.asarray(starts, np.int64)
@@ -419,16 +436,16 @@ class Loader:
                     continue
                 overlap = overlap or bool((np.maximum(sl, lo) < np.minimum(sh, hi)).all(axis=1).any())
             ch = self.chunk_source(row)
-            src_sl = tuple(slice(int(x), int(y)) for x, y in zip(lo - co, hi - co))
-            dst_sl = tuple(slice(int(x), int(y)) for x, y in zip(lo - a_req, hi - a_req))
+            src_sl = tuple(slice(int(x), int(y)) for x, y in zip(lo - co, hi - co, strict=True))
+            dst_sl = tuple(slice(int(x), int(y)) for x, y in zip(lo - a_req, hi - a_req, strict=True))
             self._copy(ch, idx.files[int(c.file[row])], src_sl, out[dst_sl] if nd else out)
             filled += int(np.prod(hi - lo)) if nd else 1
             seen_lo[nseen], seen_hi[nseen] = lo, hi
             nseen += 1
         if overlap:  # count covered elements exactly
             mask = np.zeros(shape_out, bool)
-            for x, y in zip(seen_lo[:nseen] - a_req, seen_hi[:nseen] - a_req):
-                mask[tuple(slice(int(i), int(j)) for i, j in zip(x, y))] = True
+            for x, y in zip(seen_lo[:nseen] - a_req, seen_hi[:nseen] - a_req, strict=True):
+                mask[tuple(slice(int(i), int(j)) for i, j in zip(x, y, strict=True))] = True
             filled = int(mask.sum())
         if filled < int(np.prod(shape_out)):
             raise MetadataError(f"the chunks of {fqn!r} cover {filled} of the {int(np.prod(shape_out))} requested "
@@ -468,7 +485,7 @@ class Loader:
         lead = sub[:inner]
         nruns = int(math.prod(lead)) if lead else 1
         strides = _cstride(ch.shape)
-        base = ch.file_offset + sum(s.start * st for s, st in zip(src_sl, strides)) * isz
+        base = ch.file_offset + sum(s.start * st for s, st in zip(src_sl, strides, strict=True)) * isz
         if nruns == 1:
             if dst.flags.c_contiguous:
                 src.readinto(base, memoryview(dst.reshape(-1).view(np.uint8)))
@@ -477,7 +494,9 @@ class Loader:
                 src.readinto(base, memoryview(tmp.reshape(-1).view(np.uint8)))
                 np.copyto(dst, tmp)
             return
-        run_starts = base + (np.indices(lead).reshape(inner, -1).T @ np.asarray(strides[:inner], np.int64)) * isz
+        run_starts = (
+            base + (np.indices(lead).reshape(inner, -1).T @ np.asarray(strides[:inner], np.int64)) * isz
+        )
         span = int(run_starts[-1] - run_starts[0]) + run_elems * isz
         needed = nruns * run_elems * isz
         if nruns > 64 and span <= 4 * needed:
@@ -515,7 +534,9 @@ class Loader:
             return torch.load(io.BytesIO(data), weights_only=False)
         return load_plain_object(io.BytesIO(data), where)
 
-    def load_tensor(self, fqn: str, slices: Any = None, *, dtype: Any = None, dequantize: bool = True) -> torch.Tensor:
+    def load_tensor(
+        self, fqn: str, slices: Any = None, *, dtype: Any = None, dequantize: bool = True
+    ) -> torch.Tensor:
         """One tensor (or a slice of it) as a ``torch.Tensor``."""
         import torch
 
@@ -568,7 +589,7 @@ def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
         return 1
     if 0 in shape:
         return 0
-    return sum((s - 1) * st for s, st in zip(shape, stride)) + 1
+    return sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1
 
 
 def _to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
@@ -583,7 +604,9 @@ def _to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return t
 
 
-def _result_bytes(idx: CheckpointIndex, names: Sequence[str], slices: Any, dtype: Any, dequantize: bool) -> int:
+def _result_bytes(
+    idx: CheckpointIndex, names: Sequence[str], slices: Any, dtype: Any, dequantize: bool
+) -> int:
     """Bytes the results of a load take (sliced, cast, dequantized), bytes entries by their stored length."""
     total = 0.0
     for n in names:
@@ -605,7 +628,7 @@ def _result_bytes(idx: CheckpointIndex, names: Sequence[str], slices: Any, dtype
             numel = math.prod(shape)
         else:
             starts, stops, steps, _ = parse_slices(sl, shape)
-            numel = math.prod(len(range(a, b, s)) for a, b, s in zip(starts, stops, steps))
+            numel = math.prod(len(range(a, b, s)) for a, b, s in zip(starts, stops, steps, strict=True))
         total += numel * isz
     return int(math.ceil(total))
 
@@ -622,8 +645,11 @@ def load(
     max_bytes: int | str | None = "default",
 ) -> Any:
     """See :meth:`dcp_explorer.checkpoint.Checkpoint.load`."""
-    single = isinstance(selection, str) and not selection.startswith("re:") and (
-        not _GLOB.search(selection) or _is_name(ckpt.index, selection))
+    single = (
+        isinstance(selection, str)
+        and not selection.startswith("re:")
+        and (not _GLOB.search(selection) or _is_name(ckpt.index, selection))
+    )
     names = select(ckpt.index, selection)
     idx = ckpt.index
     if isinstance(max_bytes, str):

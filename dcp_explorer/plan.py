@@ -29,13 +29,22 @@ import math
 import re
 from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .layout import Mesh, Placement, Replicate, Shard, StridedShard, all_local_chunks, parse_mesh, parse_placements
+from .layout import (
+    Mesh,
+    Placement,
+    Replicate,
+    Shard,
+    StridedShard,
+    all_local_chunks,
+    parse_mesh,
+    parse_placements,
+)
 from .model import KIND_BYTES, CheckpointIndex, itemsize
 
 if TYPE_CHECKING:
@@ -57,10 +66,7 @@ __all__ = [
 # the read-item algorithm
 # --------------------------------------------------------------------------------------------
 def _overlap(lo: Sequence[int], ls: Sequence[int], so: Sequence[int], ss: Sequence[int]) -> bool:
-    for i in range(len(lo)):
-        if lo[i] >= so[i] + ss[i] or so[i] >= lo[i] + ls[i]:
-            return False
-    return True
+    return all(not (lo[i] >= so[i] + ss[i] or so[i] >= lo[i] + ls[i]) for i in range(len(lo)))
 
 
 def create_read_items(
@@ -156,7 +162,11 @@ class ReadItemsPattern:
     @cached_property
     def numel(self) -> np.ndarray:
         """int64 [P]: elements each read delivers."""
-        return np.prod(self.lengths, axis=1, dtype=np.int64) if self.lengths.shape[1] else np.ones(len(self.rank), np.int64)
+        return (
+            np.prod(self.lengths, axis=1, dtype=np.int64)
+            if self.lengths.shape[1]
+            else np.ones(len(self.rank), np.int64)
+        )
 
     @cached_property
     def rank_bounds(self) -> np.ndarray:
@@ -164,8 +174,9 @@ class ReadItemsPattern:
         return np.searchsorted(self.rank, np.arange(len(self.local_offsets) + 1), side="left")
 
 
-def _overlapping_on_dim(s0: np.ndarray, s1: np.ndarray, l0: np.ndarray, l1: np.ndarray,
-                        ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _overlapping_on_dim(
+    s0: np.ndarray, s1: np.ndarray, l0: np.ndarray, l1: np.ndarray, ranks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (rank, saved chunk) with ``l0[r] < s1[j]`` and ``s0[j] < l1[r]``, in no particular order.
 
     When the saved intervals sorted by (start, end) also have sorted ends (no interval nested
@@ -358,7 +369,9 @@ def resolve_placements(
             return None
         pls = parse_placements(spec)
         if len(pls) != mesh.ndim:
-            raise ValueError(f"placements {spec!r} give {len(pls)} entries for mesh {mesh} of {mesh.ndim} dims")
+            raise ValueError(
+                f"placements {spec!r} give {len(pls)} entries for mesh {mesh} of {mesh.ndim} dims"
+            )
         return pls
 
     if placements is None:
@@ -424,7 +437,9 @@ def _flatten_expected(sd: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 def _descend_list(v: list[Any]) -> bool:
     """Whether DCP flattens a list item by item (torch's ``_is_terminal``, negated): it holds a
     mapping, a tensor, or a list that is itself descended (``[[t]]`` -> ``key.0.0``)."""
-    return any(isinstance(x, Mapping) or _is_tensor_like(x) or (isinstance(x, list) and _descend_list(x)) for x in v)
+    return any(
+        isinstance(x, Mapping) or _is_tensor_like(x) or (isinstance(x, list) and _descend_list(x)) for x in v
+    )
 
 
 def _is_tensor_like(v: Any) -> bool:
@@ -439,7 +454,11 @@ def _spec_of(v: Any) -> tuple[tuple[int, ...] | None, str | None, Any]:
     """(shape, dtype name, placements) of an expected value; shape None for non-tensors."""
     if _is_tensor_spec(v):
         dt = v.get("dtype")
-        return tuple(int(x) for x in v["shape"]), None if dt is None else str(dt).removeprefix("torch."), v.get("placements")
+        return (
+            tuple(int(x) for x in v["shape"]),
+            None if dt is None else str(dt).removeprefix("torch."),
+            v.get("placements"),
+        )
     if _is_tensor_like(v):
         pls = getattr(v, "placements", None)
         return tuple(int(x) for x in v.shape), str(v.dtype).removeprefix("torch."), pls
@@ -457,7 +476,7 @@ def _apply_rename(fqn: str, rename: Any) -> str:
         return fqn
     if callable(rename):
         return str(rename(fqn))
-    for old, new in (rename.items() if isinstance(rename, Mapping) else rename):
+    for old, new in rename.items() if isinstance(rename, Mapping) else rename:
         if isinstance(old, re.Pattern):
             fqn = old.sub(new, fqn)
         elif fqn.startswith(old):
@@ -503,7 +522,9 @@ class _IndexMemo:
 
     def __init__(self, index: CheckpointIndex) -> None:
         lookup = getattr(index, "__dict__", {}).get("_lookup")
-        self.lookup: dict[str, int] = lookup if lookup is not None else {f: i for i, f in enumerate(index.fqns)}
+        self.lookup: dict[str, int] = (
+            lookup if lookup is not None else {f: i for i, f in enumerate(index.fqns)}
+        )
         self.kinds: list[int] = [int(k) for k in index.kinds]
         self._sig_of: dict[int, int] = {}  # entry -> layout id
         self._sig_ids: dict[bytes, int] = {}  # layout -> id
@@ -846,7 +867,7 @@ class LoadPlan:
                     f, o, ln, _t = idx.bytes_items[e]
                     vals = (r, fqn, "bytes", None, (0,), None, None, (0,), (0,),
                             idx.files[f] if f >= 0 else None, o, ln, ln)  # fmt: skip
-                    for k, v in zip(cols, vals):
+                    for k, v in zip(cols, vals, strict=True):
                         cols[k].append(v)
                     continue
                 p = self._groups[gid].pattern
@@ -865,7 +886,7 @@ class LoadPlan:
                             tuple(c.offsets[ca:cb].tolist()), j, tuple(p.storage_offsets[q].tolist()),
                             tuple(p.lengths[q].tolist()), idx.files[f] if f >= 0 else None,
                             int(c.byte_offset[row]), int(c.byte_length[row]), int(p.numel[q] * isz))  # fmt: skip
-                    for k, v in zip(cols, vals):
+                    for k, v in zip(cols, vals, strict=True):
                         cols[k].append(v)
         df = pd.DataFrame({k: pd.Series(v, dtype=object) for k, v in cols.items()})
         for k in ("rank", "byte_offset", "byte_length", "bytes_needed"):
@@ -1006,9 +1027,15 @@ def simulate_load(
         e = lookup.get(ck)
         if e is None:
             if strict:
-                problems.append(Problem(fqn, "missing_key", "error", f"Missing key in checkpoint state_dict: {ck}."))
+                problems.append(
+                    Problem(fqn, "missing_key", "error", f"Missing key in checkpoint state_dict: {ck}.")
+                )
             else:
-                problems.append(Problem(fqn, "missing_key", "warning", f"not in the checkpoint ({ck}): skipped (strict=False)"))
+                problems.append(
+                    Problem(
+                        fqn, "missing_key", "warning", f"not in the checkpoint ({ck}): skipped (strict=False)"
+                    )
+                )
             continue
         exp_shape, exp_dtype, exp_pls = _spec_of(expected) if expected is not None else (None, None, None)
         if kinds[e] == KIND_BYTES:
@@ -1059,7 +1086,7 @@ def simulate_load(
 
     groups: list[_Group] = []
     R = m.size
-    for (shape, pls, _sig), ents in zip(group_keys, group_entries):
+    for (shape, pls, _sig), ents in zip(group_keys, group_entries, strict=True):
         e0 = ents[0]
         a, b = int(index.chunk_start[e0]), int(index.chunk_start[e0 + 1])
         nd = len(shape)

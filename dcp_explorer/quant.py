@@ -89,11 +89,20 @@ MX_SLAB_VALUES = 1 << 20
 PROBLEM_CODES: dict[str, tuple[str, str]] = {
     "missing_partner": ("error", "weight without its scale tensor, or scale without its weight"),
     "not_in_index": ("error", "pair present in the files but not in the index's weight_map: not dequantized"),
-    "scale_shape": ("error", "scale shape inconsistent with the weight (no block size fits, or only non-square "
-                             "ones: a truncated scale?); not dequantized"),
-    "block_size": ("warning", "block size other than 128 (FP8) or 32 values (MXFP4): torch's reader assumes those"),
+    "scale_shape": (
+        "error",
+        "scale shape inconsistent with the weight (no block size fits, or only non-square "
+        "ones: a truncated scale?); not dequantized",
+    ),
+    "block_size": (
+        "warning",
+        "block size other than 128 (FP8) or 32 values (MXFP4): torch's reader assumes those",
+    ),
     "unsupported": ("error", "layout torch's reader cannot dequantize (e.g. FP8 weight that is not 2-D)"),
-    "weight_dtype": ("warning", "weight stored in an unexpected dtype (FP8 expects float8_e4m3fn, MXFP4 uint8)"),
+    "weight_dtype": (
+        "warning",
+        "weight stored in an unexpected dtype (FP8 expects float8_e4m3fn, MXFP4 uint8)",
+    ),
     "scale_dtype": ("warning", "scale stored in an unexpected dtype (FP8 expects float32, MXFP4 uint8)"),
     "scale_nan": ("error", "NaN scales (MXFP4: E8M0 byte 0xFF): their blocks decode to NaN/inf/huge values"),
     "scale_inf": ("error", "infinite scales: their blocks decode to inf/NaN"),
@@ -446,11 +455,13 @@ def _row_slabs(r0: int, r1: int, b0: int, max_rows: int) -> Iterator[tuple[int, 
         a = e
 
 
-def _lead_boxes(a: Sequence[int], b: Sequence[int], max_rows: int) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
+def _lead_boxes(
+    a: Sequence[int], b: Sequence[int], max_rows: int
+) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Boxes covering the leading-dims box ``[a, b)``, each of at most ``max_rows`` rows (>= 1) and
     contiguous in a C-ordered array of that box's shape (one index on the outer dims, a range on one dim,
     whole inner dims)."""
-    sizes = [int(y) - int(x) for x, y in zip(a, b)]
+    sizes = [int(y) - int(x) for x, y in zip(a, b, strict=True)]
     nd = len(sizes)
     if nd == 0:
         yield (), ()
@@ -461,7 +472,7 @@ def _lead_boxes(a: Sequence[int], b: Sequence[int], max_rows: int) -> Iterator[t
     while d < nd - 1 and math.prod(sizes[d + 1 :]) > max_rows:
         d += 1
     step = max(1, max_rows // max(1, math.prod(sizes[d + 1 :])))
-    for outer in itertools.product(*[range(int(x), int(y)) for x, y in zip(a[:d], b[:d])]):
+    for outer in itertools.product(*[range(int(x), int(y)) for x, y in zip(a[:d], b[:d], strict=True)]):
         for s in range(int(a[d]), int(b[d]), step):
             e = min(int(b[d]), s + step)
             yield (*outer, s, *map(int, a[d + 1 :])), (*(o + 1 for o in outer), e, *map(int, b[d + 1 :]))
@@ -524,7 +535,9 @@ def entry_problems(index: CheckpointIndex, e: int) -> list[tuple[str, str]]:
                                       f"QuantizedHuggingFaceStorageReader assumes block_size=128 unless given "
                                       f"block_size={x.block[0]}"))  # fmt: skip
         if x.stored_dtype != "float8_e4m3fn":
-            out.append(("weight_dtype", f"weight is {x.stored_dtype}, expected float8_e4m3fn (multiplied as is)"))
+            out.append(
+                ("weight_dtype", f"weight is {x.stored_dtype}, expected float8_e4m3fn (multiplied as is)")
+            )
         if x.scale_dtype not in ("float32", "bfloat16", "float16", "float64"):
             out.append(("scale_dtype", f"scale is {x.scale_dtype}, expected float32"))
     else:
@@ -605,7 +618,9 @@ def _read_scales(loader: Loader, x: _Entry, starts: Sequence[int], stops: Sequen
     return _to_float32(raw, x.scale_dtype or "float32")
 
 
-def _fp8_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int], tdt: torch.dtype) -> torch.Tensor:
+def _fp8_region(
+    loader: Loader, x: _Entry, starts: list[int], stops: list[int], tdt: torch.dtype
+) -> torch.Tensor:
     from .load import RAW_NUMPY
 
     (r0, c0), (r1, c1) = starts, stops
@@ -620,15 +635,19 @@ def _fp8_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int], 
         return ldr.read_region(x.fqn, [a, c0], [e, c1], out=buf)
 
     raw_dt = np.dtype(RAW_NUMPY.get(x.stored_dtype, "u1"))
-    return _fp8_slabs(get_codes, scale, r0, r1, c0, c1 - c0, (b0, b1), colidx, x.stored_dtype, tdt, raw_dt, loader)
+    return _fp8_slabs(
+        get_codes, scale, r0, r1, c0, c1 - c0, (b0, b1), colidx, x.stored_dtype, tdt, raw_dt, loader
+    )
 
 
-def _mxfp4_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int], tdt: torch.dtype) -> torch.Tensor:
+def _mxfp4_region(
+    loader: Loader, x: _Entry, starts: list[int], stops: list[int], tdt: torch.dtype
+) -> torch.Tensor:
     import torch
 
     nb = x.stored_shape[-1]
     per = nb * 2
-    shape = [b - a for a, b in zip(starts, stops)]
+    shape = [b - a for a, b in zip(starts, stops, strict=True)]
     out, raw = _empty(shape, tdt)
     if 0 in shape:
         return out
@@ -644,7 +663,7 @@ def _mxfp4_region(loader: Loader, x: _Entry, starts: list[int], stops: list[int]
         ba, bb = box
         blocks = ldr.read_region(x.fqn, [*ba, g0, 0], [*bb, g1, nb]).view(np.uint8)
         scales = _read_scales(ldr, x, [*ba, g0], [*bb, g1])
-        sel = tuple(slice(p - q, r - q) for p, r, q in zip(ba, bb, lead_a))
+        sel = tuple(slice(p - q, r - q) for p, r, q in zip(ba, bb, lead_a, strict=True))
         if aligned and direct:
             _mxfp4_into(blocks, scales, raw[sel], name)
             return
@@ -693,7 +712,9 @@ def _scale_stats(loader: Loader, x: _Entry) -> dict[str, Any]:
     if x.format == "mxfp4":
         counts = np.zeros(256, np.int64)
         for a in range(0, shape[0], step):
-            raw = loader.read_region(x.partner, [a, *[0] * (len(shape) - 1)], [min(shape[0], a + step), *shape[1:]])
+            raw = loader.read_region(
+                x.partner, [a, *[0] * (len(shape) - 1)], [min(shape[0], a + step), *shape[1:]]
+            )
             counts += np.bincount(raw.view(np.uint8).reshape(-1), minlength=256)
         present = np.flatnonzero(counts[:255])
         if present.size:
@@ -898,7 +919,9 @@ class _Acc:
     numel: np.ndarray
 
 
-def _block_reduce(vals: np.ndarray, target: torch.dtype, scale_ok: np.ndarray, layout: tuple[str, Any]) -> _Acc:
+def _block_reduce(
+    vals: np.ndarray, target: torch.dtype, scale_ok: np.ndarray, layout: tuple[str, Any]
+) -> _Acc:
     """Reduce float32 values to per-block statistics.
 
     ``layout`` is ``("fp8", (k, rows, col_starts))`` for ``vals [k * rows, w]`` (blocks of ``rows`` rows
@@ -917,7 +940,7 @@ def _block_reduce(vals: np.ndarray, target: torch.dtype, scale_ok: np.ndarray, l
         over = np.isinf(vals)
     a_nonan = np.where(isnan, 0.0, a).astype(np.float32)
     nz = np.where((a == 0) | isnan, np.float32(np.inf), a).astype(np.float32)
-    zeros = (a == 0)
+    zeros = a == 0
     kind, info = layout
     if kind == "mx":
         per = info
@@ -1032,12 +1055,9 @@ class BlockStats:
 
 def _block_region(x: _Entry, starts: Sequence[int], stops: Sequence[int]) -> tuple[list[int], list[int]]:
     """The region expanded to whole blocks (clipped at the tensor's end)."""
-    if x.format == "fp8_block":
-        b = x.block
-    else:
-        b = (*[1] * (len(x.logical_shape) - 1), x.stored_shape[-1] * 2)
-    a = [(s // bb) * bb for s, bb in zip(starts, b)]  # type: ignore[arg-type]
-    z = [min(n, -(-t // bb) * bb) for t, bb, n in zip(stops, b, x.logical_shape)]  # type: ignore[arg-type]
+    b = x.block if x.format == "fp8_block" else (*([1] * (len(x.logical_shape) - 1)), x.stored_shape[-1] * 2)
+    a = [(s // bb) * bb for s, bb in zip(starts, b, strict=True)]  # type: ignore[arg-type]
+    z = [min(n, -(-t // bb) * bb) for t, bb, n in zip(stops, b, x.logical_shape, strict=True)]  # type: ignore[arg-type]
     return a, z
 
 
@@ -1070,7 +1090,7 @@ def _iter_slabs(loader: Loader, x: _Entry, starts: list[int], stops: list[int], 
         blocks = loader.read_region(x.fqn, [*ba, g0, 0], [*bb, g1, nb]).view(np.uint8)
         scales = _read_scales(loader, x, [*ba, g0], [*bb, g1])
         vals = mxfp4_dequantize(blocks, scales).numpy()
-        sel = tuple(slice(p - q, r - q) for p, r, q in zip(ba, bb, lead_a))
+        sel = tuple(slice(p - q, r - q) for p, r, q in zip(ba, bb, lead_a, strict=True))
         yield (*sel, slice(None)), (*sel, slice(None)), blocks, e8m0_values(scales), vals, ("mx", per)
 
 
@@ -1099,7 +1119,9 @@ def _reference_values(reference: Any, x: _Entry, reference_fqn: str | None) -> t
 
     def check(s: Sequence[int], name: str) -> None:
         if tuple(s) != shape:
-            raise ValueError(f"reference {name!r} has shape {list(s)}, the dequantized {x.fqn!r} has {list(shape)}")
+            raise ValueError(
+                f"reference {name!r} has shape {list(s)}, the dequantized {x.fqn!r} has {list(shape)}"
+            )
 
     if hasattr(reference, "index") and hasattr(reference, "load"):  # a Checkpoint
         for n in cands:
@@ -1109,11 +1131,13 @@ def _reference_values(reference: Any, x: _Entry, reference_fqn: str | None) -> t
                 check(tuple(q["logical_shape"]) if q else reference.index.shapes[e], n)
 
                 def get(a: Sequence[int], b: Sequence[int], n: str = n) -> np.ndarray:
-                    t = reference.load(n, slices=tuple(slice(i, j) for i, j in zip(a, b)))
+                    t = reference.load(n, slices=tuple(slice(i, j) for i, j in zip(a, b, strict=True)))
                     return t.to(torch.float32).numpy()
 
                 return n, get
-        raise KeyError(f"none of {cands} is in the reference checkpoint {reference.path}; pass reference_fqn=")
+        raise KeyError(
+            f"none of {cands} is in the reference checkpoint {reference.path}; pass reference_fqn="
+        )
     if isinstance(reference, Mapping):
         for n in cands:
             if n in reference:
@@ -1123,7 +1147,7 @@ def _reference_values(reference: Any, x: _Entry, reference_fqn: str | None) -> t
     check(tuple(t.shape), reference_fqn or "reference")
 
     def get_t(a: Sequence[int], b: Sequence[int]) -> np.ndarray:
-        return t[tuple(slice(i, j) for i, j in zip(a, b))].to(torch.float32).numpy()
+        return t[tuple(slice(i, j) for i, j in zip(a, b, strict=True))].to(torch.float32).numpy()
 
     return reference_fqn or "reference", get_t
 
@@ -1146,11 +1170,14 @@ def _geometry(x: _Entry, slices: Any) -> _Geometry:
     if x.format == "fp8_block":
         b0, b1 = x.block  # type: ignore[misc]
         origin: tuple[int, ...] = (starts[0] // b0, starts[1] // b1)
-        grid = tuple(-(-(t - s) // b) for s, t, b in zip(starts, stops, (b0, b1)))
+        grid = tuple(-(-(t - s) // b) for s, t, b in zip(starts, stops, (b0, b1), strict=True))
         return _Geometry((starts, stops), origin, grid, (b0, b1), CODE_MAX.get(x.stored_dtype, float("nan")))
     per = x.stored_shape[-1] * 2
     origin = (*starts[:-1], starts[-1] // per)
-    grid = (*[t - s for s, t in zip(starts[:-1], stops[:-1])], -(-(stops[-1] - starts[-1]) // per))
+    grid = (
+        *[t - s for s, t in zip(starts[:-1], stops[:-1], strict=True)],
+        -(-(stops[-1] - starts[-1]) // per),
+    )
     return _Geometry((starts, stops), origin, grid, (*[1] * (len(starts) - 1), per), CODE_MAX["mxfp4"])
 
 
@@ -1159,7 +1186,7 @@ def _scan(loader: Loader, x: _Entry, geo: _Geometry, tdt: torch.dtype, progress:
     """(grid slice, value slice, codes, float32 values, per-block reductions) per slab of the region."""
     starts, stops = geo.region
     slabs: Any = _iter_slabs(loader, x, starts, stops, tdt)
-    n = math.prod(t - s for s, t in zip(starts, stops))
+    n = math.prod(t - s for s, t in zip(starts, stops, strict=True))
     if progress or (progress is None and n > 64 << 20):
         from tqdm.auto import tqdm
 
@@ -1237,7 +1264,9 @@ def block_stats(ckpt: Checkpoint, fqn: str, *, slices: Any = None, weights: bool
     if empty:
         scale = np.zeros(gshape)
     else:
-        raw = _read_scales(loader, x, list(geo.origin), [o + g for o, g in zip(geo.origin, gshape)])
+        raw = _read_scales(
+            loader, x, list(geo.origin), [o + g for o, g in zip(geo.origin, gshape, strict=True)]
+        )
         scale = raw.astype(np.float64) if x.format == "fp8_block" else e8m0_values(raw)
     base = dict(fqn=fqn, format=x.format, block_size=geo.block, region=(tuple(starts), tuple(stops)),
                 grid_origin=geo.origin, scale=scale, code_max=geo.code_max, dtype=str(tdt).removeprefix("torch."))  # fmt: skip
@@ -1261,8 +1290,8 @@ def block_stats(ckpt: Checkpoint, fqn: str, *, slices: Any = None, weights: bool
         if edges is not None:
             vcounts += np.histogram(vals[np.isfinite(vals)], bins=edges)[0]
         if ref_get is not None:
-            a = [s + (v.start or 0) for s, v in zip(starts, vsel)]
-            ref = ref_get(a, [a_ + n for a_, n in zip(a, vals.shape)]).reshape(vals.shape)
+            a = [s + (v.start or 0) for s, v in zip(starts, vsel, strict=True)]
+            ref = ref_get(a, [a_ + n for a_, n in zip(a, vals.shape, strict=True)]).reshape(vals.shape)
             layout = _layout_of(x, vals, gsel, starts, stops)
             ok = np.ones(g["absmax"][gsel].shape, bool)
             with np.errstate(invalid="ignore", over="ignore"):

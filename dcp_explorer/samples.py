@@ -135,6 +135,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -335,17 +336,13 @@ def make_samples(
     >>> sorted(p.name for p in paths["mixed"].iterdir())  # doctest: +SKIP
     ['.metadata', '__0_0.distcp', '__1_0.distcp', '__2_0.distcp', '__3_0.distcp']
     """
-    root_path = (
-        pathlib.Path(root).expanduser() if root is not None else default_root()
-    ).absolute()
+    root_path = (pathlib.Path(root).expanduser() if root is not None else default_root()).absolute()
     if isinstance(names, str):
         names = [names]
     wanted = list(SAMPLE_NAMES) if names is None else list(dict.fromkeys(names))
     unknown = [n for n in wanted if n not in _WORLD_OF]
     if unknown:
-        raise KeyError(
-            f"unknown sample name(s) {unknown}; expected some of {list(SAMPLE_NAMES)}"
-        )
+        raise KeyError(f"unknown sample name(s) {unknown}; expected some of {list(SAMPLE_NAMES)}")
     result = {name: root_path / name for name in wanted}
     todo = [n for n in wanted if force or not result[n].is_dir()]
     if not todo:
@@ -384,9 +381,7 @@ def make_samples(
                             group.kill()
                             for n in group.names:
                                 shutil.rmtree(tmp_dirs[n], ignore_errors=True)
-                            retry = _Group.launch(
-                                group.world, group.names, tmp_dirs, logs, attempt=1
-                            )
+                            retry = _Group.launch(group.world, group.names, tmp_dirs, logs, attempt=1)
                             groups.append(retry)
                             pending[pending.index(group)] = retry
                             continue
@@ -481,9 +476,7 @@ class _Group:
         if sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         pkg_parent = str(pathlib.Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p
-        )
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
         procs: list[subprocess.Popen[bytes]] = []
         logs: list[str] = []
         for rank in range(world):
@@ -547,10 +540,8 @@ class _Group:
             if p.poll() is None:
                 p.kill()
         for p in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                pass
 
     def log_tail(self, rank: int = 0, lines: int = 30) -> str:
         """Return the last lines of one rank's log, under a header naming the rank."""
@@ -815,9 +806,7 @@ def _llama_reference() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, tor
     optim = _llama_train_step(model)
     names = {p: n for n, p in model.named_parameters()}
     weights = {n: t.detach().clone() for n, t in model.state_dict().items()}
-    state = {
-        names[p]: {k: v.detach().clone() for k, v in s.items()} for p, s in optim.state.items()
-    }
+    state = {names[p]: {k: v.detach().clone() for k, v in s.items()} for p, s in optim.state.items()}
     return weights, state
 
 
@@ -1010,12 +999,8 @@ def _hf_reference(include_int: bool = True) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(4321)
     out = {
         "model.embed_tokens.weight": torch.randn(37, 16, generator=g),
-        "model.layers.0.self_attn.q_proj.weight": torch.randn(18, 16, generator=g).to(
-            torch.bfloat16
-        ),
-        "model.layers.0.self_attn.o_proj.weight": torch.randn(16, 18, generator=g).to(
-            torch.bfloat16
-        ),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(18, 16, generator=g).to(torch.bfloat16),
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(16, 18, generator=g).to(torch.bfloat16),
         "model.layers.0.mlp.down_proj.weight": torch.randn(16, 3, generator=g),
         "model.norm.weight": torch.ones(16) + 0.01 * torch.randn(16, generator=g),
         "lm_head.weight": torch.randn(37, 16, generator=g),
@@ -1161,12 +1146,8 @@ def _mxfp4_reference() -> tuple[dict[str, torch.Tensor], dict[str, int]]:
         ),
         p + "gate_up_proj_bias": (0.01 * torch.randn(e, 2 * i, generator=g)).to(torch.bfloat16),
         # down: [E, H rows, I/32 groups, 16 bytes] -> dequantized [E, H, I]
-        p + "down_proj_blocks": torch.randint(
-            0, 256, (e, h, i // 32, 16), generator=g, dtype=torch.uint8
-        ),
-        p + "down_proj_scales": torch.randint(
-            120, 131, (e, h, i // 32), generator=g, dtype=torch.uint8
-        ),
+        p + "down_proj_blocks": torch.randint(0, 256, (e, h, i // 32, 16), generator=g, dtype=torch.uint8),
+        p + "down_proj_scales": torch.randint(120, 131, (e, h, i // 32), generator=g, dtype=torch.uint8),
         p + "down_proj_bias": (0.01 * torch.randn(e, h, generator=g)).to(torch.bfloat16),
         "model.layers.0.mlp.router.weight": torch.randn(e, h, generator=g).to(torch.bfloat16),
         "model.embed_tokens.weight": torch.randn(50, h, generator=g).to(torch.bfloat16),

@@ -185,7 +185,9 @@ class Store:
         try:
             # one ranged request (fsspec file objects would read ahead in large blocks)
             with _timeouts(self.display(name)):
-                data = self.fs.cat_file(self.full_path(name), start=start, end=start + length) if length else b""
+                data = (
+                    self.fs.cat_file(self.full_path(name), start=start, end=start + length) if length else b""
+                )
         except (FileNotFoundError, IsADirectoryError) as e:
             raise ChunkFileMissing("file does not exist", path=self.display(name)) from e
         if len(data) != length:
@@ -257,4 +259,6 @@ def open_store(path: str | os.PathLike[str], storage_options: Mapping[str, Any] 
         else:
             listing[name] = int(e.get("size") or 0)
             info[name] = e
-    return Store(fs=fs, root=root, url=url, listing=listing, subdirs=tuple(subdirs), selected=selected, info=info)
+    return Store(
+        fs=fs, root=root, url=url, listing=listing, subdirs=tuple(subdirs), selected=selected, info=info
+    )

@@ -59,8 +59,13 @@ def tensors_table(index: CheckpointIndex) -> pd.DataFrame:
     import pandas as pd
 
     n = len(index.fqns)
-    numel = np.array([min(max(int(np.prod(s, dtype=np.float64)), -_I64_MAX), _I64_MAX) if k != KIND_BYTES else 0
-                      for s, k in zip(index.shapes, index.kinds)], dtype=np.int64)  # fmt: skip (absurd shapes clip)
+    numel = np.array(
+        [
+            min(max(int(np.prod(s, dtype=np.float64)), -_I64_MAX), _I64_MAX) if k != KIND_BYTES else 0
+            for s, k in zip(index.shapes, index.kinds, strict=True)
+        ],
+        dtype=np.int64,
+    )  # fmt: skip (absurd shapes clip)
     per_chunk = chunk_nbytes(index)
     nbytes = np.zeros(n, np.int64)
     if len(per_chunk):
@@ -77,7 +82,9 @@ def tensors_table(index: CheckpointIndex) -> pd.DataFrame:
             "numel": numel,
             "nbytes": nbytes.astype(np.int64),
             "num_chunks": np.diff(index.chunk_start).astype(np.int64),
-            "quant": pd.Series([index.quant[i]["format"] if i in index.quant else None for i in range(n)], dtype=object),
+            "quant": pd.Series(
+                [index.quant[i]["format"] if i in index.quant else None for i in range(n)], dtype=object
+            ),
         }
     )
 
@@ -158,7 +165,9 @@ def chunks_table(index: CheckpointIndex) -> pd.DataFrame:
         if index.transforms else pd.Categorical([None] * m, categories=pd.Index([], dtype=object))  # fmt: skip
     return pd.DataFrame(
         {
-            "fqn": pd.Categorical.from_codes(c.entry.astype(np.int64), categories=pd.Index(index.fqns, dtype=object)),
+            "fqn": pd.Categorical.from_codes(
+                c.entry.astype(np.int64), categories=pd.Index(index.fqns, dtype=object)
+            ),
             "chunk": pos,
             "offsets": pd.Series(_ragged_tuples(c.offsets, c.coord_start), dtype=object),
             "sizes": pd.Series(_ragged_tuples(c.sizes, c.coord_start), dtype=object),

@@ -27,6 +27,7 @@ This module imports torch only inside its functions: ``import dcp_explorer`` sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -121,11 +122,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """Every rank ran, and its ReadItems equal the simulated ones (all fields, same order)."""
-        return (
-            self.world_size > 0
-            and not any(self.num_differences)
-            and not any(e for e in self.errors)
-        )
+        return self.world_size > 0 and not any(self.num_differences) and not any(e for e in self.errors)
 
     def summary(self) -> str:
         """A per-rank ``OK`` / first-differences report, as printed by the command line."""
@@ -202,7 +199,7 @@ def rows_from_plan(reads: Any) -> list[Row]:
         return _tup(v)
 
     cols = [list(reads[f]) for f in FIELDS]
-    return [tuple(norm(f, c[i]) for f, c in zip(FIELDS, cols)) for i in range(len(reads))]
+    return [tuple(norm(f, c[i]) for f, c in zip(FIELDS, cols, strict=True)) for i in range(len(reads))]
 
 
 def compare_rows(
@@ -226,11 +223,13 @@ def compare_rows(
         if len(diffs) >= limit:
             continue
         if a is None:
-            diffs.append(f"row {i}: only simulated: {dict(zip(FIELDS, b))}")  # type: ignore[arg-type]
+            diffs.append(f"row {i}: only simulated: {dict(zip(FIELDS, b, strict=True))}")  # type: ignore[arg-type]
         elif b is None:
-            diffs.append(f"row {i}: only recorded: {dict(zip(FIELDS, a))}")
+            diffs.append(f"row {i}: only recorded: {dict(zip(FIELDS, a, strict=True))}")
         else:
-            fields = ", ".join(f"{f} recorded {x!r} simulated {y!r}" for f, x, y in zip(FIELDS, a, b) if x != y)
+            fields = ", ".join(
+                f"{f} recorded {x!r} simulated {y!r}" for f, x, y in zip(FIELDS, a, b, strict=True) if x != y
+            )
             diffs.append(f"row {i} ({a[0]}): {fields}")
     return diffs, count
 
@@ -361,7 +360,9 @@ def recording_reader(path: str, fmt: str = "dcp") -> Any:
     return Recording(path)
 
 
-def _verify_rank(sc: Mapping[str, Any], rank: int, device: str, opened: dict[str, Checkpoint]) -> dict[str, Any]:
+def _verify_rank(
+    sc: Mapping[str, Any], rank: int, device: str, opened: dict[str, Checkpoint]
+) -> dict[str, Any]:
     """Build, load, record and compare on this rank; collective with the other ranks of the group."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -380,7 +381,9 @@ def _verify_rank(sc: Mapping[str, Any], rank: int, device: str, opened: dict[str
             ckpt = opened[path] = open_ckpt(path)
         mesh = parse_mesh(sc["mesh"])
         if mesh.size != dist.get_world_size():
-            raise ValueError(f"mesh {mesh} has {mesh.size} ranks but the process group has {dist.get_world_size()}")
+            raise ValueError(
+                f"mesh {mesh} has {mesh.size} ranks but the process group has {dist.get_world_size()}"
+            )
         sd = build_state_dict(ckpt.index, mesh, sc.get("placements"), sc.get("preset"), device)
         reader = recording_reader(path, ckpt.index.format)
     except Exception:
@@ -515,7 +518,11 @@ def _tail(path: pathlib.Path, lines: int = 40) -> str:
 def _spawn(scenarios: Sequence[Scenario], nproc: int, timeout: float,
            tmp: pathlib.Path) -> tuple[list[subprocess.Popen[bytes]], list[pathlib.Path]]:  # fmt: skip
     """Start ``nproc`` workers for ``scenarios``; return the processes and their logs."""
-    spec = {"out_dir": str(tmp), "scenarios": [s.to_json() for s in scenarios], "pg_timeout": max(30.0, timeout)}
+    spec = {
+        "out_dir": str(tmp),
+        "scenarios": [s.to_json() for s in scenarios],
+        "pg_timeout": max(30.0, timeout),
+    }
     spec_path = tmp / "spec.json"
     spec_path.write_text(json.dumps(spec))
     port = _free_port()
@@ -546,10 +553,8 @@ def _kill(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         if p.poll() is None:
             p.kill()
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover
-            pass
 
 
 def verify_many(scenarios: Sequence[Scenario | Mapping[str, Any]], *, nproc: int | None = None,
@@ -675,7 +680,9 @@ def verify_load(ckpt_path: str | os.PathLike[str], mesh: Any, placements: Any = 
     from .layout import parse_mesh
 
     m = parse_mesh(mesh)
-    return verify_many([Scenario(str(ckpt_path), str(m), placements, preset)], nproc=nproc, timeout=timeout)[0]
+    return verify_many([Scenario(str(ckpt_path), str(m), placements, preset)], nproc=nproc, timeout=timeout)[
+        0
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -718,7 +725,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="layout preset: fsdp, hsdp, fsdp_tp, replicate")
     ap.add_argument("--placements", default=None,
                     help='placement rules as JSON, e.g. \'{"model.*": "S(0)"}\' or \'"S(0)"\'')  # fmt: skip
-    ap.add_argument("--nproc", type=int, default=None, help="worker processes without torchrun (default: mesh size)")
+    ap.add_argument(
+        "--nproc", type=int, default=None, help="worker processes without torchrun (default: mesh size)"
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds before workers are killed")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

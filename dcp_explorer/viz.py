@@ -42,7 +42,9 @@ def _ax(ax: Axes | None, figsize: tuple[float, float] = (7, 4)) -> Axes:
     return new
 
 
-def _fold(offsets: np.ndarray, sizes: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def _fold(
+    offsets: np.ndarray, sizes: np.ndarray, shape: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Map n-d chunks to 2-D rectangles: leading dims folded into rows, last dim as columns."""
     nd = len(shape)
     if nd == 0:
@@ -97,7 +99,11 @@ def _rank_colors(ranks: np.ndarray, cmap: str = "viridis") -> tuple[Any, Any]:
     hi = int(ranks.max(initial=0))
     n = hi + 1
     cm = colormaps["tab20" if n <= 20 else cmap]
-    norm = BoundaryNorm(np.arange(-0.5, n + 0.5), cm.N if n <= 20 else 256) if n <= 20 else Normalize(-0.5, hi + 0.5)
+    norm = (
+        BoundaryNorm(np.arange(-0.5, n + 0.5), cm.N if n <= 20 else 256)
+        if n <= 20
+        else Normalize(-0.5, hi + 0.5)
+    )
     return cm, norm
 
 
@@ -121,8 +127,13 @@ def plot_chunk_map(ckpt: Checkpoint, fqn: str, *, ax: Axes | None = None, labels
         ranks = np.array([names.index(f) for f in r["file"]], np.int64)
         by = "file"
     cm, norm = _rank_colors(ranks)
-    patches = [Rectangle((float(x), float(y)), float(w), float(h)) for (y, x), (h, w) in zip(o[keep], s[keep])]
-    pc = PatchCollection(patches, cmap=cm, norm=norm, edgecolor="white", linewidth=0.6 if len(patches) < 400 else 0)
+    patches = [
+        Rectangle((float(x), float(y)), float(w), float(h))
+        for (y, x), (h, w) in zip(o[keep], s[keep], strict=True)
+    ]
+    pc = PatchCollection(
+        patches, cmap=cm, norm=norm, edgecolor="white", linewidth=0.6 if len(patches) < 400 else 0
+    )
     pc.set_array(ranks[keep].astype(float))
     ax.add_collection(pc)
     ax.set_xlim(0, max(cols, 1))
@@ -133,7 +144,9 @@ def plot_chunk_map(ckpt: Checkpoint, fqn: str, *, ax: Axes | None = None, labels
     if labels is None:
         labels = keep.sum() <= MAX_LABELS
     if labels:
-        for (y, x), (h, w), rk, f in zip(o[keep], s[keep], ranks[keep], np.asarray(r["file"], object)[keep]):
+        for (y, x), (h, w), rk, f in zip(
+            o[keep], s[keep], ranks[keep], np.asarray(r["file"], object)[keep], strict=True
+        ):
             tag = f"r{rk}" if by == "saving rank" else ""
             ax.text(x + w / 2, y + h / 2, f"{tag}\n{f}".strip() if h * 6 > rows or len(patches) < 12 else tag or f,
                     ha="center", va="center", fontsize=7, color="black",
@@ -148,7 +161,9 @@ def plot_chunk_map(ckpt: Checkpoint, fqn: str, *, ax: Axes | None = None, labels
     return ax
 
 
-def plot_reshard_overlay(plan: LoadPlan, fqn: str, *, ranks: Sequence[int] | None = None, ax: Axes | None = None) -> Axes:
+def plot_reshard_overlay(
+    plan: LoadPlan, fqn: str, *, ranks: Sequence[int] | None = None, ax: Axes | None = None
+) -> Axes:
     """Saved chunks (filled, by saving rank) with the target ranks' local chunks outlined on top.
 
     ``ranks``: which loading ranks to outline (default: all when <= 64, else a spread of 16).
@@ -171,7 +186,7 @@ def plot_reshard_overlay(plan: LoadPlan, fqn: str, *, ranks: Sequence[int] | Non
     cm = colormaps["tab10"]
     rows, cols = chunk_rectangles(ckpt, fqn)["grid"]  # type: ignore[arg-type]
     inset_y, inset_x = rows * 0.006, cols * 0.006
-    for i, (r, (y, x), (h, w)) in enumerate(zip(ranks, lo, ls)):
+    for i, (r, (y, x), (h, w)) in enumerate(zip(ranks, lo, ls, strict=True)):
         if h == 0 or w == 0:
             continue
         col = cm(i % 10)
@@ -221,7 +236,11 @@ def plot_traffic(plan: LoadPlan, *, ax: Axes | None = None, log: bool = True) ->
     m = t.to_numpy().astype(float)
     vmax = m.max(initial=0)
     pos = m[m > 0]
-    norm = LogNorm(vmin=max(pos.min(initial=1), vmax / 1e6), vmax=max(vmax, 1)) if log and len(pos) else Normalize(0, max(vmax, 1))
+    norm = (
+        LogNorm(vmin=max(pos.min(initial=1), vmax / 1e6), vmax=max(vmax, 1))
+        if log and len(pos)
+        else Normalize(0, max(vmax, 1))
+    )
     im = ax.imshow(np.where(m > 0, m, np.nan), aspect="auto", interpolation="nearest", norm=norm, cmap="magma_r",
                    extent=(-0.5, m.shape[1] - 0.5, m.shape[0] - 0.5, -0.5))  # fmt: skip
     ax.set_xlabel("loading rank")
@@ -245,7 +264,7 @@ def plot_file_fanin(plan: LoadPlan, *, ax: Axes | None = None, top: int = 40) ->
     ax.set_yticks(y, [str(f) for f in pf["file"]], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel(f"{unit} read from the file (all ranks)")
-    for yi, (b, n) in enumerate(zip(pf["bytes_read"], pf["num_ranks"])):
+    for yi, (b, n) in enumerate(zip(pf["bytes_read"], pf["num_ranks"], strict=True)):
         ax.text(b / div, yi, f"  {n} ranks", va="center", fontsize=7)
     ax.set_title(f"file fan-in (top {len(pf)} of {len(plan.per_file)} files)", fontsize=9)
     return ax

@@ -53,7 +53,9 @@ def _stats(obj: Any, fqn: str | None, *, weights: bool, **kwargs: Any) -> BlockS
 
     if isinstance(obj, BlockStats):
         if weights and obj.absmax is None:
-            raise ValueError(f"these BlockStats of {obj.fqn!r} hold scales only: compute them with weights=True")
+            raise ValueError(
+                f"these BlockStats of {obj.fqn!r} hold scales only: compute them with weights=True"
+            )
         return obj
     if fqn is None:
         raise TypeError("pass a BlockStats, or a Checkpoint and the name of a quantized tensor")
@@ -98,7 +100,9 @@ def _heatmap(ax: Axes, st: BlockStats, grid: np.ndarray, *, log: bool, label: st
     ax.figure.colorbar(im, ax=ax, label=label)
     _grid_labels(ax, st)
     nbad = int(bad.sum())
-    ax.set_title(f"{title}\n{st.fqn}" + (f"  ({nbad:,} blocks not drawable: red)" if nbad else ""), fontsize=9)
+    ax.set_title(
+        f"{title}\n{st.fqn}" + (f"  ({nbad:,} blocks not drawable: red)" if nbad else ""), fontsize=9
+    )
     return ax
 
 
@@ -165,7 +169,9 @@ def plot_quant_codes(obj: Any, fqn: str | None = None, *, ax: Axes | None = None
         ax.set_xlabel("stored byte (0-127 positive, 128-255 negative)")
     ax.set_ylabel("count")
     nan = int(counts[np.isnan(vals)].sum()) if np.isnan(vals).any() else 0
-    ax.set_title(f"stored codes{'  (' + format(nan, ',') + ' NaN codes)' if nan else ''}\n{st.fqn}", fontsize=9)
+    ax.set_title(
+        f"stored codes{'  (' + format(nan, ',') + ' NaN codes)' if nan else ''}\n{st.fqn}", fontsize=9
+    )
     return ax
 
 

@@ -103,7 +103,11 @@ def snapshot(root: os.PathLike[str] | str) -> dict[str, tuple[str, int, int]]:
     out = {}
     for p in [root, *sorted(root.rglob("*"))]:
         st = p.lstat()
-        out[str(p.relative_to(root))] = ("d" if p.is_dir() else "f", st.st_size if p.is_file() else 0, st.st_mtime_ns)
+        out[str(p.relative_to(root))] = (
+            "d" if p.is_dir() else "f",
+            st.st_size if p.is_file() else 0,
+            st.st_mtime_ns,
+        )
     return out
 
 

@@ -21,6 +21,7 @@ executable can be found (``.ci/run`` installs Debian's ``chromium`` when it is m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -94,8 +95,10 @@ def _smoke_notebook(sample_dir: Path) -> dict[str, Any]:
     ]
     return {
         "cells": [code(s, i) for i, s in enumerate(cells)],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                     "language_info": {"name": "python"}},  # fmt: skip
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"},
+        },  # fmt: skip
         "nbformat": 4,
         "nbformat_minor": 5,
     }
@@ -135,7 +138,9 @@ def chromium_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path], chromium_path: str) -> Iterator[Lab]:
+def lab(
+    tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path], chromium_path: str
+) -> Iterator[Lab]:
     """JupyterLab on 127.0.0.1 over a temporary copy of the notebooks plus the smoke notebook."""
     base = tmp_path_factory.mktemp("lab")
     root = base / "root"
@@ -151,7 +156,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory, samples: dict[str, Path], chro
     ns = dirs["JUPYTERLAB_SETTINGS_DIR"] / "@jupyterlab" / "apputils-extension"
     ns.mkdir(parents=True)
     (ns / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True}))
+        json.dumps({"fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True})
+    )
     env = {**os.environ, **{k: str(v) for k, v in dirs.items()}}
     env["DCP_EXPLORER_CACHE"] = str(base / "parse-cache")  # the kernels' parse cache: a private one
     env.pop("JUPYTER_TOKEN", None)
@@ -202,7 +208,9 @@ def chromium_browser(chromium_path: str) -> Iterator[Any]:
                     "the tests use the system chromium)")  # fmt: skip
     pw = sync_playwright().start()
     try:
-        b = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True, timeout=60_000)
+        b = pw.chromium.launch(
+            executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True, timeout=60_000
+        )
         try:
             yield b
         finally:
@@ -225,15 +233,15 @@ def page(chromium_browser: Any, lab: Lab) -> Iterator[Any]:
     try:
         yield pg
     finally:
-        try:  # free the kernel (each holds torch); the server stops the rest at the end
+        # free the kernel (each holds torch; the server stops the rest at the end), best effort: the page
+        # may be gone after a timeout
+        with contextlib.suppress(Exception):
             pg.evaluate("""async () => {
                 const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
                 if (w && w.sessionContext) {
                     await Promise.race([w.sessionContext.shutdown(), new Promise(r => setTimeout(r, 15000))]);
                 }
             }""")  # fmt: skip
-        except Exception:  # noqa: BLE001 - best effort; the page may be gone after a timeout
-            pass
         ctx.close()
 
 
@@ -242,28 +250,28 @@ def page(chromium_browser: Any, lab: Lab) -> Iterator[Any]:
 # ------------------------------------------------------------------------------------------------
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-_STATE_JS = """() => {
+_STATE_JS = f"""() => {{
     const w = window.jupyterapp.shell.currentWidget;
     const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
     const errors = [];
     let pending = 0, cells = 0, views = 0;
-    for (const c of w.content.widgets) {
+    for (const c of w.content.widgets) {{
         if (c.model.type !== 'code') continue;
         if (c.model.sharedModel.getSource().trim() === '') continue;  // empty cells are not run
         cells++;
         if (c.model.executionCount === null) pending++;
-        for (let i = 0; i < c.model.outputs.length; i++) {
+        for (let i = 0; i < c.model.outputs.length; i++) {{
             const o = c.model.outputs.get(i);
-            if (o.type === 'error') {
+            if (o.type === 'error') {{
                 const j = o.toJSON();
-                errors.push(`cell ${cells}: ${j.ename}: ${j.evalue}\\n${(j.traceback || []).join('\\n')}`);
-            }
-            if (o.data && o.data['%s']) views++;
-        }
-    }
-    return {pending, cells, views, errors, status: kernel ? kernel.status : null,
-            connection: kernel ? kernel.connectionStatus : null};
-}""" % WIDGET_VIEW
+                errors.push(`cell ${{cells}}: ${{j.ename}}: ${{j.evalue}}\\n${{(j.traceback || []).join('\\n')}}`);
+            }}
+            if (o.data && o.data['{WIDGET_VIEW}']) views++;
+        }}
+    }}
+    return {{pending, cells, views, errors, status: kernel ? kernel.status : null,
+            connection: kernel ? kernel.connectionStatus : null}};
+}}"""
 
 
 def _state(page: Any) -> dict[str, Any]:
@@ -365,8 +373,8 @@ def check_widgets_rendered(page: Any, name: str, expected_views: int) -> None:
     assert all(w > 0 for w in shown), f"{name}: {sum(w == 0 for w in shown)} widget image(s) did not decode"
 
 
-_FINGERPRINT_JS = """(el) => [...el.querySelectorAll('%s')]
-    .map(e => e.tagName === 'IMG' ? 'img:' + (e.getAttribute('src') || '') : e.innerHTML).join('\\u0001')""" % OUTPUT_SELECTOR
+_FINGERPRINT_JS = f"""(el) => [...el.querySelectorAll('{OUTPUT_SELECTOR}')]
+    .map(e => e.tagName === 'IMG' ? 'img:' + (e.getAttribute('src') || '') : e.innerHTML).join('\\u0001')"""
 
 
 def fingerprint(out: Any) -> str:
@@ -417,7 +425,9 @@ def change_a_control(page: Any, out: Any) -> str | None:
         now, top = h.get_attribute("aria-valuenow"), h.get_attribute("aria-valuemax")
         before = fingerprint(out)
         h.focus()
-        key = "ArrowLeft" if now is not None and top is not None and float(now) >= float(top) else "ArrowRight"
+        key = (
+            "ArrowLeft" if now is not None and top is not None and float(now) >= float(top) else "ArrowRight"
+        )
         h.press(key)
         after_value = h.get_attribute("aria-valuenow")
         tried.append(f"slider {now} -> {after_value}")
@@ -551,4 +561,6 @@ def test_notebook_runs_in_a_real_browser(page: Any, lab: Lab, name: str) -> None
     res = exercise_notebook(page, lab, name)
     print(f"{name}: {res['views']} widget view(s); changed: {res['changed']}")  # shown with -s / -rP
     if res["views"]:
-        assert res["changed"] is not None, f"{name}: its widgets have no slider, dropdown or numeric text box to change"
+        assert res["changed"] is not None, (
+            f"{name}: its widgets have no slider, dropdown or numeric text box to change"
+        )

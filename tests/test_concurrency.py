@@ -75,8 +75,15 @@ def test_open_from_threads(samples, name):
 
 def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-            a.view(-1).view(torch.uint8) if a.numel() else a, b.view(-1).view(torch.uint8) if b.numel() else b)
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(
+                a.view(-1).view(torch.uint8) if a.numel() else a,
+                b.view(-1).view(torch.uint8) if b.numel() else b,
+            )
+        )
     return a == b
 
 
@@ -103,7 +110,10 @@ def test_load_from_threads(samples, name):
             assert set(got) == set(ref)
             assert all(_equal(got[n], ref[n]) for n in ref), fn.__name__
     # slices of one tensor from many threads through the shared loader
-    big = max((n for n in names if isinstance(ref[n], torch.Tensor) and ref[n].dim() == 2), key=lambda n: ref[n].numel())
+    big = max(
+        (n for n in names if isinstance(ref[n], torch.Tensor) and ref[n].dim() == 2),
+        key=lambda n: ref[n].numel(),
+    )
     rows = ref[big].shape[0]
 
     def rows_of(i: int):
@@ -180,7 +190,9 @@ def _cache_file(tmp_path: Path) -> Path:
     return f
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong_arrays", "inconsistent", "directory"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "empty", "wrong_arrays", "inconsistent", "directory"]
+)
 def test_damaged_cache_file_is_ignored_and_rebuilt(samples, tmp_path, damage):
     path = samples["llama_fsdp_tp_2x2"]
     first = dx.open(path)

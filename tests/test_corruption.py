@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _guard import paused, watching
 
 import dcp_explorer as dx
-from _guard import paused, watching
 from dcp_explorer import (
     ByteRangeError,
     ChunkFileMissing,
@@ -302,7 +302,9 @@ def b_persistent_id(c: Ctx) -> Path:
 
 def b_huge_memo(c: Ctx) -> Path:
     c.copy("mixed")
-    (c.ck / ".metadata").write_bytes(b"\x80\x04Nr\xf0\xff\xff\xff.")  # memo slot 4 G: CPython would allocate 64 GB
+    (c.ck / ".metadata").write_bytes(
+        b"\x80\x04Nr\xf0\xff\xff\xff."
+    )  # memo slot 4 G: CPython would allocate 64 GB
     return c.ck
 
 
@@ -519,22 +521,30 @@ def e_hole(md: Any) -> None:
 def e_overlap(md: Any) -> None:
     chunks, CSM, MI = _rows(md)  # noqa: N806
     chunks.append(CSM(torch.Size([1, 0]), torch.Size([3, 6])))  # rows 1:4, a copy of chunk 0's item
-    md.storage_data[MI("model.row_sharded", torch.Size([1, 0]), 4)] = md.storage_data[key_of(md, "model.row_sharded", 0)]
+    md.storage_data[MI("model.row_sharded", torch.Size([1, 0]), 4)] = md.storage_data[
+        key_of(md, "model.row_sharded", 0)
+    ]
 
 
 def e_shift(md: Any) -> None:
     chunks, CSM, MI = _rows(md)  # noqa: N806
     chunks[1] = CSM(torch.Size([2, 0]), torch.Size([3, 6]))  # rows 2:5: overlaps 0:3, leaves row 5 empty
-    md.storage_data[MI("model.row_sharded", torch.Size([2, 0]), 1)] = md.storage_data.pop(key_of(md, "model.row_sharded", 1))
+    md.storage_data[MI("model.row_sharded", torch.Size([2, 0]), 1)] = md.storage_data.pop(
+        key_of(md, "model.row_sharded", 1)
+    )
 
 
 def e_outside(md: Any) -> None:
     chunks, CSM, MI = _rows(md)  # noqa: N806
     chunks[3] = CSM(torch.Size([10, 0]), torch.Size([1, 6]))  # row 10 of a 10-row tensor
-    md.storage_data[MI("model.row_sharded", torch.Size([10, 0]), 3)] = md.storage_data.pop(key_of(md, "model.row_sharded", 3))
+    md.storage_data[MI("model.row_sharded", torch.Size([10, 0]), 3)] = md.storage_data.pop(
+        key_of(md, "model.row_sharded", 3)
+    )
 
 
-def b_st(sample: str, damage: Callable[[Ctx, Path], None], pick: Callable[[Path], Path] = first_st) -> Callable[[Ctx], Path]:
+def b_st(
+    sample: str, damage: Callable[[Ctx, Path], None], pick: Callable[[Path], Path] = first_st
+) -> Callable[[Ctx], Path]:
     def build(c: Ctx) -> Path:
         c.copy(sample)
         damage(c, pick(c.ck))
@@ -921,10 +931,8 @@ def test_corruption(kind: Kind, ctx: Ctx, warm: None) -> None:
     path_before = list(sys.path)
     try:
         target = kind.build(ctx)
-        if kind.after_open is not None:
-            attempts = 1  # the damage happens once, mid-session
-        else:
-            attempts = 2  # cold, then with whatever the first attempt cached
+        # the damage happens once, mid-session; else cold, then with whatever the first attempt cached
+        attempts = 1 if kind.after_open is not None else 2
         fds = open_fds()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         cache = ctx.tmp / "cache"
@@ -940,7 +948,9 @@ def test_corruption(kind: Kind, ctx: Ctx, warm: None) -> None:
             if kind.error is None:
                 assert err is None, f"{where}: unexpected {err!r}"
             else:
-                assert type(err) is kind.error, f"{where}: expected {kind.error.__name__}, got {type(err).__name__}: {err}"
+                assert type(err) is kind.error, (
+                    f"{where}: expected {kind.error.__name__}, got {type(err).__name__}: {err}"
+                )
                 assert isinstance(err, DcpExplorerError)
                 msg = str(err)
                 assert kind.fragment in msg, f"{where}: {kind.fragment!r} not in {msg!r}"
@@ -949,10 +959,16 @@ def test_corruption(kind: Kind, ctx: Ctx, warm: None) -> None:
                 for extra in ctx.expect:
                     assert extra in msg, f"{where}: {extra!r} not in {msg!r}"
             if kind.warning is not None:
-                assert any(kind.warning in x for x in warnings), f"{where}: no warning with {kind.warning!r}: {warnings}"
-                assert all(str(ctx.ck) in x for x in warnings), f"{where}: a warning does not name the checkpoint"
+                assert any(kind.warning in x for x in warnings), (
+                    f"{where}: no warning with {kind.warning!r}: {warnings}"
+                )
+                assert all(str(ctx.ck) in x for x in warnings), (
+                    f"{where}: a warning does not name the checkpoint"
+                )
             if kind.error is None:
-                assert any(kind.fragment in x for x in warnings), f"{where}: {kind.fragment!r} not in {warnings}"
+                assert any(kind.fragment in x for x in warnings), (
+                    f"{where}: {kind.fragment!r} not in {warnings}"
+                )
             # nothing ran, nothing outside was read, nothing inside was written
             assert not ctx.marker.exists(), f"{where}: a payload ran"
             assert w.spawned == [], f"{where}: started a process: {w.spawned}"
@@ -1005,7 +1021,9 @@ def test_hole_regions_that_are_covered_still_load(ctx: Ctx) -> None:
 def test_zstd_bomb_is_a_valid_frame() -> None:
     import zstandard
 
-    assert zstandard.ZstdDecompressor().stream_reader(io.BytesIO(zstd_bomb(3 << 20))).read(5 << 20) == b"\0" * (3 << 20)
+    assert zstandard.ZstdDecompressor().stream_reader(io.BytesIO(zstd_bomb(3 << 20))).read(
+        5 << 20
+    ) == b"\0" * (3 << 20)
 
 
 def test_the_guard_sees_reads_writes_and_processes(tmp_path: Path) -> None:

@@ -165,7 +165,9 @@ def test_rename_and_tolerance_leave_nothing_but_the_real_edits(samples, edited):
 
 def test_select_matches_either_spelling(samples, edited):
     d = dcp_explorer.diff(samples["llama_fsdp_ws1"], edited, select="model.layers.0.*", progress=False)
-    assert {r.fqn for r in d.rows} == {f for f in dcp_explorer.open(edited).fqns if f.startswith("model.layers.0.")}
+    assert {r.fqn for r in d.rows} == {
+        f for f in dcp_explorer.open(edited).fqns if f.startswith("model.layers.0.")
+    }
     with pytest.raises(KeyError, match="matches no entry"):
         dcp_explorer.diff(samples["llama_fsdp_ws1"], edited, select="nothing.*")
 
@@ -209,13 +211,17 @@ def test_resharded_4_to_2_is_equal_with_a_layout_change(samples):
         else:  # 0-d Adam steps: written once, by whichever rank dedup chose
             assert (r.chunks_a, r.chunks_b) == (1, 1)
     assert set(_changed(d).values()) == {("layout",)}
-    strict = dcp_explorer.diff(samples["llama_fsdp_ws4"], samples["llama_fsdp_ws2"], ignore=(), progress=False)
+    strict = dcp_explorer.diff(
+        samples["llama_fsdp_ws4"], samples["llama_fsdp_ws2"], ignore=(), progress=False
+    )
     assert not strict.equal and len(strict.differences) == int(tensors["layout_changed"].sum()) >= 63
 
 
 def test_fsdp_tp_layout(samples):
     """FSDP x TP chunks (strided rows, 2-D grids, other saving ranks) compare as the same logical tensors."""
-    d = dcp_explorer.diff(samples["llama_fsdp_tp_2x2"], samples["llama_fsdp_ws4"], select="model.*", progress=False)
+    d = dcp_explorer.diff(
+        samples["llama_fsdp_tp_2x2"], samples["llama_fsdp_ws4"], select="model.*", progress=False
+    )
     rows = _by_fqn(d)
     la, lb = _torch_layouts(samples["llama_fsdp_tp_2x2"]), _torch_layouts(samples["llama_fsdp_ws4"])
     for f, r in rows.items():
@@ -255,7 +261,9 @@ def test_dcp_to_hf_fp32_conversion_is_exact(samples, base_sd, tmp_path):
         warnings.simplefilter("ignore")
         dcp.save(dict(base_sd["model"]), storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=False),
                  no_dist=True)  # fmt: skip
-    d = dcp_explorer.diff(samples["llama_fsdp_ws1"], out, select="model.*", rename={"model.": ""}, progress=False)
+    d = dcp_explorer.diff(
+        samples["llama_fsdp_ws1"], out, select="model.*", rename={"model.": ""}, progress=False
+    )
     assert d.format_b != "dcp" and len(d.rows) == 21
     assert d.equal and set(d.table["status"]) == {"equal"} and not _changed(d)
 
@@ -306,7 +314,9 @@ def test_dequantized_fp8_against_its_float32_values(samples, tmp_path):
     d = dcp_explorer.diff(ck, tmp_path / "w.safetensors", select=w, progress=False)
     (r,) = d.rows
     assert r.dtype_changed and r.status == "different" and r.num_outside == 1 and r.first_diff_index == (3, 4)
-    assert r.max_abs_diff == float(abs(ref[3, 4].double() - orig[3, 4].double()))  # 1.0 up to float32 rounding
+    assert r.max_abs_diff == float(
+        abs(ref[3, 4].double() - orig[3, 4].double())
+    )  # 1.0 up to float32 rounding
 
 
 # ----------------------------------------------------------------------------- structure
@@ -323,13 +333,19 @@ def test_shape_and_kind_changes(base_sd):
 
 
 def test_rename_rules():
-    a = {"model.layers.0.attention.wq.weight": torch.ones(2), "model.tok": torch.zeros(1), "drop.me": torch.ones(1)}
+    a = {
+        "model.layers.0.attention.wq.weight": torch.ones(2),
+        "model.tok": torch.zeros(1),
+        "drop.me": torch.ones(1),
+    }
     b = {"layers.0.self_attn.q_proj.weight": torch.ones(2), "embed": torch.zeros(1)}
     rules = {"model.tok": "embed", r"re:^model\.layers\.(\d+)\.attention\.wq\.": r"layers.\1.self_attn.q_proj.",
              "drop.": None}  # fmt: skip
     d = dcp_explorer.diff(a, b, rename=rules, progress=False)
     assert d.equal and {r.fqn: r.fqn_a for r in d.rows} == {
-        "layers.0.self_attn.q_proj.weight": "model.layers.0.attention.wq.weight", "embed": "model.tok"}
+        "layers.0.self_attn.q_proj.weight": "model.layers.0.attention.wq.weight",
+        "embed": "model.tok",
+    }
     d2 = dcp_explorer.diff(a, b, rename=lambda f: "embed" if f == "model.tok" else None, progress=False)
     assert _changed(d2) == {"layers.0.self_attn.q_proj.weight": ("only_in_b",)}
     with pytest.raises(ValueError, match="maps both"):
@@ -354,10 +370,7 @@ def _reference_stats(a: np.ndarray, b: np.ndarray, atol: float, rtol: float, sam
         same = (a == b) | (np.isnan(a) & np.isnan(b))
     d = np.abs(np.where(fin, a, 0) - np.where(fin, b, 0))
     outside = int(((d > atol + rtol * np.abs(np.where(fin, b, 0))) & fin).sum() + (~fin & ~same).sum())
-    if same_dtype_bits is not None:
-        neq = same_dtype_bits[0].ravel() != same_dtype_bits[1].ravel()
-    else:
-        neq = ~same
+    neq = same_dtype_bits[0].ravel() != same_dtype_bits[1].ravel() if same_dtype_bits is not None else ~same
     return {
         "equal": not neq.any(),
         "first": int(np.argmax(neq)) if neq.any() else None,
@@ -427,7 +440,9 @@ def _check_kernel(dmod, shape, dt_a, dt_b, edits, nans, atol, rtol, block, seed)
     assert r.num_outside == ref["num_outside"]
     assert r.num_nonfinite == ref["num_nonfinite"]
     first = ref["first"]
-    assert r.first_diff_index == (None if first is None else tuple(int(i) for i in np.unravel_index(first, shape)))
+    assert r.first_diff_index == (
+        None if first is None else tuple(int(i) for i in np.unravel_index(first, shape))
+    )
     if math.isnan(ref["max_abs_diff"]):
         assert r.max_abs_diff is None or math.isnan(r.max_abs_diff)
     else:

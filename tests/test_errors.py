@@ -292,7 +292,11 @@ def test_dcp_sharding_info_not_json(tmp_path):
 
 @pytest.mark.parametrize(
     "info",
-    [json.dumps([0, 0]), json.dumps({"w": {"saved_offsets": [0]}}), json.dumps({"other": {"saved_offsets": [0, 0]}})],
+    [
+        json.dumps([0, 0]),
+        json.dumps({"w": {"saved_offsets": [0]}}),
+        json.dumps({"other": {"saved_offsets": [0, 0]}}),
+    ],
     ids=["not-an-object", "wrong-ndim", "key-missing"],
 )
 def test_dcp_sharding_info_wrong_shape(tmp_path, info):

@@ -22,19 +22,24 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _files(d) -> dict[str, tuple[int, int]]:
-    return {f: (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns) for f in os.listdir(d)}
+    return {
+        f: (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+        for f in os.listdir(d)
+    }
 
 
 @pytest.mark.parametrize("shard_mib", [None, 0.1])
 def test_export_safetensors_loads_in_safetensors_and_torch_hf_reader(samples, tmp_path, shard_mib):
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint import HuggingFaceStorageReader
-    import torch.distributed.checkpoint as dcp
 
     src = dcp_explorer.open(samples["llama_fsdp_tp_2x2"])
     before = _files(samples["llama_fsdp_tp_2x2"])
     kw = {} if shard_mib is None else {"max_shard_size": int(shard_mib * (1 << 20))}
-    files = src.export("model.*", tmp_path / "out", dtype="bfloat16", rename={"model.": ""}, progress=False, **kw)
+    files = src.export(
+        "model.*", tmp_path / "out", dtype="bfloat16", rename={"model.": ""}, progress=False, **kw
+    )
     assert _files(samples["llama_fsdp_tp_2x2"]) == before  # nothing written into the source
     names = sorted(p.name for p in files)
     if shard_mib is None:
@@ -48,7 +53,7 @@ def test_export_safetensors_loads_in_safetensors_and_torch_hf_reader(samples, tm
     for p in files:
         if p.suffix == ".safetensors":
             loaded.update(load_file(p))
-    want = {f[len("model."):]: src.load(f).to(torch.bfloat16) for f in src.fqns if f.startswith("model.")}
+    want = {f[len("model.") :]: src.load(f).to(torch.bfloat16) for f in src.fqns if f.startswith("model.")}
     assert set(loaded) == set(want)
     for k, v in want.items():
         assert loaded[k].dtype == torch.bfloat16 and torch.equal(_bits(loaded[k]), _bits(v)), k
@@ -115,7 +120,9 @@ def test_cli_load_prints_stats_that_match_torch(samples, capsys):
     fqn = "model.layers.1.feed_forward.w2.weight"
     assert main(["load", path, fqn, "--slice", "3:9, ::2", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    ref = _load_state_dict_from_keys({fqn}, checkpoint_id=path)["model"]["layers.1.feed_forward.w2.weight"][3:9, ::2]
+    ref = _load_state_dict_from_keys({fqn}, checkpoint_id=path)["model"]["layers.1.feed_forward.w2.weight"][
+        3:9, ::2
+    ]
     assert st["shape"] == list(ref.shape)
     assert st["min"] == pytest.approx(ref.min().item()) and st["max"] == pytest.approx(ref.max().item())
     assert st["mean"] == pytest.approx(ref.double().mean().item()) and st["nan"] == 0
@@ -132,10 +139,16 @@ def test_cli_export_and_plan(samples, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     plan = dcp_explorer.simulate_load(path, "dp=2,tp=2", preset="fsdp_tp")
     assert out["totals"]["read_items"] == plan.totals()["read_items"] == int(plan.per_rank.read_items.sum())
-    assert main(["plan", path, "--mesh", "3", "--preset", "fsdp", "--csv", str(tmp_path / "r.csv"), "--reads"]) == 0
+    assert (
+        main(["plan", path, "--mesh", "3", "--preset", "fsdp", "--csv", str(tmp_path / "r.csv"), "--reads"])
+        == 0
+    )
     import pandas as pd
 
-    assert len(pd.read_csv(tmp_path / "r.csv")) == dcp_explorer.simulate_load(path, 3, preset="fsdp").totals()["read_items"]
+    assert (
+        len(pd.read_csv(tmp_path / "r.csv"))
+        == dcp_explorer.simulate_load(path, 3, preset="fsdp").totals()["read_items"]
+    )
 
 
 def test_cli_errors_exit_2_and_name_the_file(tmp_path, capsys):

@@ -62,7 +62,7 @@ def _same_value(x, y, where: str) -> None:
             _same_value(x[k], y[k], f"{where}[{k!r}]")
     elif isinstance(x, (tuple, list)):
         assert len(x) == len(y), f"{where}: length {len(x)} != {len(y)}"
-        for i, (u, v) in enumerate(zip(x, y)):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
             _same_value(u, v, f"{where}[{i}]")
     else:
         assert x == y, f"{where}: {x!r} != {y!r}"
@@ -141,32 +141,35 @@ torch = pytest.importorskip("torch")
 def _state_dicts():
     t = torch
     g = t.Generator().manual_seed(0)
-    yield "mixed", {
-        "model": {
-            "w": t.randn(4, 3, generator=g),
-            "b": t.zeros(3, dtype=t.bfloat16),
-            "empty": t.empty(0, 5),
-            "empty2": t.zeros(3, 0, dtype=t.int32),
-            "i": t.arange(7, dtype=t.int64),
-            "h": t.ones(2, 2, 2, dtype=t.float16),
-            "bool": t.tensor([True, False]),
-            "u8": t.tensor([1, 2], dtype=t.uint8),
-            "c": t.randn(2, dtype=t.complex64, generator=g),
-            "d": t.randn(3, dtype=t.float64, generator=g),
-            "i8": t.tensor([-1], dtype=t.int8),
+    yield (
+        "mixed",
+        {
+            "model": {
+                "w": t.randn(4, 3, generator=g),
+                "b": t.zeros(3, dtype=t.bfloat16),
+                "empty": t.empty(0, 5),
+                "empty2": t.zeros(3, 0, dtype=t.int32),
+                "i": t.arange(7, dtype=t.int64),
+                "h": t.ones(2, 2, 2, dtype=t.float16),
+                "bool": t.tensor([True, False]),
+                "u8": t.tensor([1, 2], dtype=t.uint8),
+                "c": t.randn(2, dtype=t.complex64, generator=g),
+                "d": t.randn(3, dtype=t.float64, generator=g),
+                "i8": t.tensor([-1], dtype=t.int8),
+            },
+            "step": t.tensor(5.0),
+            "count": t.tensor(3, dtype=t.int32),
+            "lr": 0.01,
+            "betas": (0.9, 0.999),
+            "name": "héllo wörld ✓",
+            "raw": b"\x00\x01",
+            "lst": [t.ones(2), {"x": t.zeros(1)}, 3],
+            "nested": {"a": {"b": {"c": t.tensor(1)}}},
+            "none": None,
+            "ilist": [1, 2, 3],
+            "weird key.with dots": t.zeros(2),
         },
-        "step": t.tensor(5.0),
-        "count": t.tensor(3, dtype=t.int32),
-        "lr": 0.01,
-        "betas": (0.9, 0.999),
-        "name": "héllo wörld ✓",
-        "raw": b"\x00\x01",
-        "lst": [t.ones(2), {"x": t.zeros(1)}, 3],
-        "nested": {"a": {"b": {"c": t.tensor(1)}}},
-        "none": None,
-        "ilist": [1, 2, 3],
-        "weird key.with dots": t.zeros(2),
-    }
+    )
     model = t.nn.Sequential(t.nn.Linear(4, 3), t.nn.ReLU(), t.nn.Linear(3, 2))
     opt = t.optim.Adam(model.parameters())
     model(t.randn(5, 4, generator=g)).sum().backward()
@@ -294,7 +297,9 @@ def _torch_md(**overrides):
     sdm = {
         "w": TensorStorageMetadata(TensorProperties(dtype=torch.float16), S([4, 3]), chunks),
         "b": BytesStorageMetadata(),
-        "s": TensorStorageMetadata(TensorProperties(dtype=torch.int64), S([]), [ChunkStorageMetadata(S([]), S([]))]),
+        "s": TensorStorageMetadata(
+            TensorProperties(dtype=torch.int64), S([]), [ChunkStorageMetadata(S([]), S([]))]
+        ),
         "z": TensorStorageMetadata(TensorProperties(dtype=torch.bool), S([0]), []),
     }
     storage = [
@@ -416,7 +421,9 @@ def test_shared_and_reordered_chunk_objects():
     c = sdm["w"].chunks
     from torch.distributed.checkpoint.metadata import TensorProperties, TensorStorageMetadata
 
-    sdm["w2"] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([4, 3]), [c[1], c[0], c[1]])
+    sdm["w2"] = TensorStorageMetadata(
+        TensorProperties(dtype=torch.float32), torch.Size([4, 3]), [c[1], c[0], c[1]]
+    )
     sdm["w"].chunks.append(c[0])
     for proto in (2, 4):
         got = check_same(pickle.dumps(m, protocol=proto))
@@ -432,7 +439,9 @@ def test_unmodelled_structures_fall_back(tmp_path):
         "storage_list": _torch_md(storage_data=list(_torch_md().storage_data.values())),
     }
     m = _torch_md()
-    m.state_dict_metadata["w"].chunks[0] = ChunkStorageMetadata(offsets=[0, 0], sizes=[2, 3])  # lists, not Size
+    m.state_dict_metadata["w"].chunks[0] = ChunkStorageMetadata(
+        offsets=[0, 0], sizes=[2, 3]
+    )  # lists, not Size
     cases["list_offsets"] = m
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -653,7 +662,10 @@ def test_frame_edge_cases(tmp_path):
         hdr = b"\x80\x04\x95" + struct.pack("<Q", cut)
         check_consistent(hdr + body, tmp_path / "fr.bin")
     # a frame inside a frame
-    check_consistent(b"\x80\x04\x95" + struct.pack("<Q", 12) + b"\x95" + struct.pack("<Q", 2) + b"K\x01.", tmp_path / "n.bin")
+    check_consistent(
+        b"\x80\x04\x95" + struct.pack("<Q", 12) + b"\x95" + struct.pack("<Q", 2) + b"K\x01.",
+        tmp_path / "n.bin",
+    )
 
 
 @settings(max_examples=300, deadline=None)
@@ -717,9 +729,13 @@ def protocol0_global(module: str, name: str, *args: str) -> bytes:
 
 
 def protocol2_global(module: str, name: str, *args: str) -> bytes:
-    return b"\x80\x02" + f"c{module}\n{name}\n".encode() + b"q\x00(" + b"".join(
-        b"X" + struct.pack("<I", len(a.encode())) + a.encode() for a in args
-    ) + b"tq\x01R."
+    return (
+        b"\x80\x02"
+        + f"c{module}\n{name}\n".encode()
+        + b"q\x00("
+        + b"".join(b"X" + struct.pack("<I", len(a.encode())) + a.encode() for a in args)
+        + b"tq\x01R."
+    )
 
 
 DANGEROUS = [
@@ -808,10 +824,10 @@ def test_scanner_never_imports_torch():
     import subprocess
 
     code = (
-        "import sys; sys.path.insert(0, %r)\n"
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
         "from dcp_explorer.readers._fast import fast_parse\n"
         "import pickle\n"
         "try:\n    fast_parse(b'\\x80\\x04.', 'p')\nexcept Exception:\n    pass\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
-    ) % str(ROOT)
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -69,9 +69,13 @@ def test_fuzz_run(samples, tmp_path):
            "--last-input", str(last), "--exec-timeout", "10", "--max-memory", "4"]  # fmt: skip
     env = dict(os.environ, DCP_EXPLORER_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=FUZZ_SECONDS + 150, check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=FUZZ_SECONDS + 150, check=False
+    )
     elapsed = time.perf_counter() - t0
-    if proc.returncode < 0 or not proc.stdout.strip():  # killed (a crash in C code?): keep what it was running
+    if (
+        proc.returncode < 0 or not proc.stdout.strip()
+    ):  # killed (a crash in C code?): keep what it was running
         if last.exists() and last.stat().st_size:
             target, _, data = last.read_bytes().partition(b"\n")
             import hashlib
@@ -85,7 +89,9 @@ def test_fuzz_run(samples, tmp_path):
     print(f"\nfuzz: {report['execs']:,} executions in {report['seconds']} s = {report['execs_per_sec']:,} exec/s "
           f"(seed {seed}); per target: " + ", ".join(f"{t}: {v['execs']:,} ({v['ok']:,} parsed)"
                                                      for t, v in report["targets"].items()))  # fmt: skip
-    assert not report["findings"], f"seed {seed}: inputs that broke the contract (saved): {report['findings']}"
+    assert not report["findings"], (
+        f"seed {seed}: inputs that broke the contract (saved): {report['findings']}"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report["seconds"] >= FUZZ_SECONDS * 0.95 and elapsed < FUZZ_SECONDS + 150
     for t, v in report["targets"].items():
@@ -166,7 +172,7 @@ def safetensors_files(draw: st.DrawFn) -> tuple[bytes, str]:
     keys = [k for k in header if k != "__metadata__"]
     k = draw(st.sampled_from(keys)) if keys else None
     if what == "gap" and k is not None:
-        for other in keys[keys.index(k):]:
+        for other in keys[keys.index(k) :]:
             header[other]["data_offsets"] = [o + 4 for o in header[other]["data_offsets"]]
         body_len += 4
     elif what == "trailing":
@@ -226,7 +232,7 @@ def test_safetensors_headers_agree_with_the_library(case, tmp_path_factory):
     try:
         with safe_open(str(p), "pt") as f:
             lib = {k: (SAFETENSORS_DTYPES[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape()))
-                   for k in f.keys()}  # fmt: skip
+                   for k in f.keys()}  # noqa: SIM118  # fmt: skip
     except Exception:  # noqa: BLE001 - the library's refusal, any form
         lib = None
     try:
@@ -265,7 +271,7 @@ def write_dcp(path: Path, tensors: dict[str, tuple[Any, list[Box]]], ranks: int 
     for fqn, (t, boxes) in tensors.items():
         chunks = []
         for i, (offs, sizes) in enumerate(boxes):
-            view = t[tuple(slice(o, o + s) for o, s in zip(offs, sizes))].clone()
+            view = t[tuple(slice(o, o + s) for o, s in zip(offs, sizes, strict=True))].clone()
             buf = io.BytesIO()
             torch.save(view, buf)
             r = n % ranks
@@ -277,7 +283,9 @@ def write_dcp(path: Path, tensors: dict[str, tuple[Any, list[Box]]], ranks: int 
         sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.size(), chunks)
     for r, data in enumerate(files):
         (path / f"__{r}_0.distcp").write_bytes(bytes(data))
-    (path / ".metadata").write_bytes(pickle.dumps(Metadata(sdm, planner_data={}, storage_data=storage), protocol=4))
+    (path / ".metadata").write_bytes(
+        pickle.dumps(Metadata(sdm, planner_data={}, storage_data=storage), protocol=4)
+    )
 
 
 @st.composite
@@ -319,12 +327,14 @@ def test_tilings_open_clean_and_load_exactly(layout, data, tmp_path_factory):
     write_dcp(root / "hole", {"w": (t, [b for i, b in enumerate(boxes) if i != gone])})
     ck = dx.open(root / "hole", cache=False)
     missing = math.prod(boxes[gone][1])
-    assert any(f"cover only {t.numel() - missing:,} of its {t.numel():,}" in w for w in ck.warnings), ck.warnings
+    assert any(f"cover only {t.numel() - missing:,} of its {t.numel():,}" in w for w in ck.warnings), (
+        ck.warnings
+    )
     offs, sizes = boxes[gone]
     with pytest.raises(MetadataError, match="holes"):
-        ck.load("w", slices=tuple(slice(o, o + s) for o, s in zip(offs, sizes)))
+        ck.load("w", slices=tuple(slice(o, o + s) for o, s in zip(offs, sizes, strict=True)))
     keep = data.draw(st.sampled_from([b for i, b in enumerate(boxes) if i != gone]))
-    region = tuple(slice(o, o + s) for o, s in zip(*keep))
+    region = tuple(slice(o, o + s) for o, s in zip(*keep, strict=True))
     assert torch.equal(ck.load("w", slices=region), t[region])
     # an extra chunk overlapping others: a warned overlap (values where they overlap: reading order)
     (o, s) = boxes[0]
@@ -384,7 +394,9 @@ def test_placements_tile_exactly(case, data):
 
     shape, mesh, pls = case
     sizes, offsets = all_local_chunks(shape, "x".join(map(str, mesh)) if len(mesh) > 1 else mesh[0], pls)
-    boxes = list(dict.fromkeys((tuple(map(int, o)), tuple(map(int, s))) for o, s in zip(offsets, sizes)))
+    boxes = list(
+        dict.fromkeys((tuple(map(int, o)), tuple(map(int, s))) for o, s in zip(offsets, sizes, strict=True))
+    )
     assert _layout_problems(_index(shape, boxes), "ck") == []
     real = [b for b in boxes if math.prod(b[1]) > 0]
     if len(real) > 1:
@@ -392,7 +404,7 @@ def test_placements_tile_exactly(case, data):
         problems = _layout_problems(_index(shape, [b for b in boxes if b != gone]), "ck")
         assert any("holes" in p for p in problems), problems
     # every rank's own copy (per-rank metadata, no dedup) is no overlap either
-    copies = [(tuple(map(int, o)), tuple(map(int, s))) for o, s in zip(offsets, sizes)]
+    copies = [(tuple(map(int, o)), tuple(map(int, s))) for o, s in zip(offsets, sizes, strict=True)]
     assert _layout_problems(_index(shape, copies), "ck") == []
 
 
@@ -414,7 +426,12 @@ def test_write_dcp_matches_torch(tmp_path):
 # the guard in front of CPython's unpickler
 # ============================================================================================
 _plain = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20) | st.binary(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
     lambda c: st.lists(c, max_size=4) | st.tuples(c, c) | st.dictionaries(st.text(max_size=5), c, max_size=4),
     max_leaves=20,
 )

@@ -73,5 +73,7 @@ def test_open_and_browse_is_light(child_report, samples):
 def test_the_check_can_fail(tmp_path):
     """The child's report does see a heavy import when there is one."""
     code = "import json, sys, torch; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert "torch" in _heavy(json.loads(out.stdout))

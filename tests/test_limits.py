@@ -155,7 +155,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _forward(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else None
-        if self.server.stall.is_set() and self.command == "GET" and "Range" in self.headers and ".distcp" in self.path:
+        if (
+            self.server.stall.is_set()
+            and self.command == "GET"
+            and "Range" in self.headers
+            and ".distcp" in self.path
+        ):
             self.server.stalled += 1
             self.server.release.wait(60)  # no answer: the client must give up on its own
             self.close_connection = True
@@ -219,7 +224,11 @@ def test_s3_data_read_that_stalls_times_out(samples, monkeypatch):
             ck.load("model.row_sharded")
         elapsed = time.perf_counter() - t0
         assert proxy.stalled >= 1 and elapsed < 30, (proxy.stalled, elapsed)
-        assert "__" in str(info.value) and ".distcp" in str(info.value) and "DCP_EXPLORER_TIMEOUT" in str(info.value)
+        assert (
+            "__" in str(info.value)
+            and ".distcp" in str(info.value)
+            and "DCP_EXPLORER_TIMEOUT" in str(info.value)
+        )
     finally:
         proxy.release.set()
         proxy.shutdown()
@@ -277,10 +286,14 @@ def _big_dir() -> Path | None:
 def test_open_memory_405b_x1024(tmp_path):
     d = _big_dir()
     if d is None:
-        pytest.skip("no synthetic 405B x 1024 metadata (python benchmarks/synthetic.py, or DCP_EXPLORER_BIG_TESTS=1)")
+        pytest.skip(
+            "no synthetic 405B x 1024 metadata (python benchmarks/synthetic.py, or DCP_EXPLORER_BIG_TESTS=1)"
+        )
     m = _measure(d, tmp_path)
     assert m["chunks"] == 3_494_001 and not m["torch"]
     assert m["peak_rss"] < BOUND_405B, f"peak RSS {m['peak_rss'] / (1 << 30):.2f} GiB"
     assert m["peak_rss"] < BOUND_FIXED + BOUND_PER_CHUNK * m["chunks"]
-    print(f"\n405B x 1024: {m['chunks']:,} chunks, open + chunks table peak RSS {m['peak_rss'] / (1 << 30):.2f} GiB "
-          f"in {m['seconds']:.1f} s")
+    print(
+        f"\n405B x 1024: {m['chunks']:,} chunks, open + chunks table peak RSS {m['peak_rss'] / (1 << 30):.2f} GiB "
+        f"in {m['seconds']:.1f} s"
+    )

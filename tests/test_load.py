@@ -28,11 +28,11 @@ import warnings
 from typing import Any
 
 import pytest
+from _reference import per_rank_ranks, sample_kind, sample_names
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dcp_explorer
-from _reference import per_rank_ranks, sample_kind, sample_names
 from dcp_explorer import DcpExplorerError, MetadataError, UnsafePickleError
 
 torch = pytest.importorskip("torch")
@@ -96,7 +96,7 @@ def torch_per_rank(path: str, rank: int) -> tuple[dict[str, Any], dict[str, list
 
 
 def _region(offsets: tuple, sizes: tuple) -> tuple[slice, ...]:
-    return tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+    return tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
 
 
 def _assemble(pieces: list[tuple[tuple, torch.Tensor]], where: str) -> torch.Tensor:
@@ -141,7 +141,7 @@ def stored_reference(case: str, path: str) -> dict[str, Any]:
     for f in files:
         with safe_open(f, "pt") as so:
             info = json.loads((so.metadata() or {}).get("DCP_SHARDING_INFO", "{}"))
-            for k in so.keys():
+            for k in so.keys():  # noqa: SIM118 - not a dict
                 t = so.get_tensor(k)
                 off = tuple(info[k]["saved_offsets"]) if k in info else (0,) * t.dim()
                 pieces.setdefault(k, []).append((off, t))
@@ -195,7 +195,14 @@ def raw_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a tensor in row-major order (any strides, size-1 and empty dims included)."""
     if t.numel() == 0:
         return b""
-    return t.detach().clone(memory_format=torch.contiguous_format).reshape(-1).view(torch.uint8).numpy().tobytes()
+    return (
+        t.detach()
+        .clone(memory_format=torch.contiguous_format)
+        .reshape(-1)
+        .view(torch.uint8)
+        .numpy()
+        .tobytes()
+    )
 
 
 def assert_same(got: Any, ref: Any, what: str) -> None:
@@ -203,7 +210,9 @@ def assert_same(got: Any, ref: Any, what: str) -> None:
     if isinstance(ref, torch.Tensor):
         assert isinstance(got, torch.Tensor), f"{what}: got a {type(got).__name__}, expected a tensor"
         assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype}, expected {ref.dtype}"
-        assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        assert tuple(got.shape) == tuple(ref.shape), (
+            f"{what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        )
         a, b = raw_bytes(got), raw_bytes(ref)
         if a != b:
             w = ref.element_size()
@@ -283,7 +292,11 @@ def test_replicated_copies_are_read_once(samples):
     ck = dcp_explorer.open(path, cache=False)
     copies = ck.chunks_of("model.replicated")
     assert len(copies) == 4 and len({(c.offsets, c.sizes) for c in copies}) == 1
-    assert_same(ck.load("model.replicated"), stored_reference("mixed_per_rank", path)["model.replicated"], "replicated")
+    assert_same(
+        ck.load("model.replicated"),
+        stored_reference("mixed_per_rank", path)["model.replicated"],
+        "replicated",
+    )
     assert ck.loader.stats.items_opened == 1 and ck.loader.stats.bytes_read == copies[0].byte_length
 
 
@@ -364,6 +377,7 @@ def index_specs(draw: Any, shape: tuple[int, ...]) -> tuple[Any, Any]:
     if form == "bare":
         return items[0], items[0]
     if form == "string":
+
         def one(x: Any) -> str:
             if x is Ellipsis:
                 return "..."
@@ -388,7 +402,9 @@ def test_random_slices_equal_torch_sliced(samples, data):
     stored = stored_reference(case, path)
     deq = dequantized_reference(case, path)
     ck = opened(path, partial=data.draw(st.booleans(), label="partial"))
-    fqn = data.draw(st.sampled_from(sorted(k for k, v in stored.items() if isinstance(v, torch.Tensor))), label="fqn")
+    fqn = data.draw(
+        st.sampled_from(sorted(k for k, v in stored.items() if isinstance(v, torch.Tensor))), label="fqn"
+    )
     dequantize = fqn in deq and data.draw(st.booleans(), label="dequantize")
     ref = deq[fqn] if dequantize else stored[fqn]
     spec, torch_index = data.draw(index_specs(tuple(ref.shape)), label="spec")
@@ -534,13 +550,19 @@ def test_dtype_cast(samples):
     path = str(samples["mixed"])
     ref = stored_reference("mixed", path)
     ck = opened(path)
-    assert_same(ck.load("model.embed_bf16", dtype=torch.float32), ref["model.embed_bf16"].float(), "bf16->f32")
-    assert_same(ck.load("model.row_sharded", dtype="bfloat16"), ref["model.row_sharded"].bfloat16(), "f32->bf16")
+    assert_same(
+        ck.load("model.embed_bf16", dtype=torch.float32), ref["model.embed_bf16"].float(), "bf16->f32"
+    )
+    assert_same(
+        ck.load("model.row_sharded", dtype="bfloat16"), ref["model.row_sharded"].bfloat16(), "f32->bf16"
+    )
     assert_same(ck.load("model.token_ids", dtype="torch.float64", slices="1:"),
                 ref["model.token_ids"][1:].double(), "i64->f64")  # fmt: skip
     fp8 = opened(str(samples["fp8_block"]))
     w = dequantized_reference("fp8_block", str(samples["fp8_block"]))["model.layers.0.mlp.down_proj.weight"]
-    assert_same(fp8.load("model.layers.0.mlp.down_proj.weight", dtype=torch.bfloat16), w.bfloat16(), "dequant->bf16")
+    assert_same(
+        fp8.load("model.layers.0.mlp.down_proj.weight", dtype=torch.bfloat16), w.bfloat16(), "dequant->bf16"
+    )
 
 
 def test_max_bytes(samples):
@@ -596,7 +618,11 @@ class _RowShards(torch.Tensor):
         return s
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.metadata import (
+            ChunkStorageMetadata,
+            MetadataIndex,
+            TensorProperties,
+        )
         from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
         props = TensorProperties.create_from_tensor(self._full)
@@ -636,7 +662,9 @@ def test_big_layouts_are_what_torch_wrote(big):
     for p in (paths["one"], paths["rows"]):
         assert_same(_torch_flat(p)["w"], t, p)
     ck = dcp_explorer.open(paths["rows"], cache=False)
-    assert [(c.offsets, c.sizes) for c in ck.chunks_of("w")] == [((a, 0), (512, COLS)) for a in range(0, ROWS, 512)]
+    assert [(c.offsets, c.sizes) for c in ck.chunks_of("w")] == [
+        ((a, 0), (512, COLS)) for a in range(0, ROWS, 512)
+    ]
     assert len(ck.index.files) == 4
 
 
@@ -695,7 +723,9 @@ def test_malicious_bytes_entry_is_refused(tmp_path):
     ck_dir = tmp_path / "ck"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"x": _OpenForWrite(str(target)), "t": torch.arange(3)}, checkpoint_id=str(ck_dir), no_dist=True)
+        dcp.save(
+            {"x": _OpenForWrite(str(target)), "t": torch.arange(3)}, checkpoint_id=str(ck_dir), no_dist=True
+        )
     assert not target.exists()  # pickled at save time, nothing ran
 
     ck = dcp_explorer.open(str(ck_dir), cache=False)

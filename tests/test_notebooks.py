@@ -212,7 +212,9 @@ def test_02_resharding(run_notebook):
     assert "will it load? False" in text and "size_mismatch" in text and "missing_key" in text
     (cell,) = [c for c in r.nb.cells if c.cell_type == "code" and "dcp_explorer.verify" in c.source]
     verify = "".join(o.get("text", "") for o in cell.outputs)
-    assert "rank 0: OK" in verify and "rank 1: OK" in verify and "exit code 0" in verify, cell.outputs  # dcp.load agreed
+    assert "rank 0: OK" in verify and "rank 1: OK" in verify and "exit code 0" in verify, (
+        cell.outputs
+    )  # dcp.load agreed
     assert len(r.pngs()) >= 2
     (view,) = r.widget_views()
     mid, fallback = view

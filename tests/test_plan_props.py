@@ -196,7 +196,9 @@ def test_read_items_pattern_matches_torch(data: st.DataObject) -> None:
     shape = tuple(data.draw(st.lists(st.integers(0, 9), min_size=ndim, max_size=ndim), label="shape"))
     saved = data.draw(st.lists(box_in(shape), min_size=0, max_size=6), label="saved")
     local = data.draw(st.lists(box_in(shape), min_size=1, max_size=6), label="local (one per rank)")
-    part = np.array(data.draw(st.lists(st.booleans(), min_size=len(local), max_size=len(local)), label="part"))
+    part = np.array(
+        data.draw(st.lists(st.booleans(), min_size=len(local), max_size=len(local)), label="part")
+    )
     so = np.array([o for o, _ in saved], np.int64).reshape(len(saved), ndim)
     ss = np.array([s for _, s in saved], np.int64).reshape(len(saved), ndim)
     lo = np.array([o for o, _ in local], np.int64).reshape(len(local), ndim)
@@ -220,7 +222,7 @@ def test_read_items_pattern_on_mesh_layouts(layout: tuple, data: st.DataObject) 
     ss, so = all_local_chunks(shape, mesh, pls)
     # DCP saves each distinct chunk once
     seen, saved = set(), []
-    for o, s in zip(so.tolist(), ss.tolist()):
+    for o, s in zip(so.tolist(), ss.tolist(), strict=True):
         if (tuple(o), tuple(s)) not in seen:
             seen.add((tuple(o), tuple(s)))
             saved.append((tuple(o), tuple(s)))
@@ -229,7 +231,9 @@ def test_read_items_pattern_on_mesh_layouts(layout: tuple, data: st.DataObject) 
     pat = read_items_pattern(np.array([o for o, _ in saved], np.int64).reshape(len(saved), nd),
                              np.array([s for _, s in saved], np.int64).reshape(len(saved), nd), lo, ls)  # fmt: skip
     for r in range(len(lo)):
-        assert pattern_rows(pat, r) == torch_items(shape, saved, [(tuple(lo[r].tolist()), tuple(ls[r].tolist()))])
+        assert pattern_rows(pat, r) == torch_items(
+            shape, saved, [(tuple(lo[r].tolist()), tuple(ls[r].tolist()))]
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,14 +252,16 @@ def test_tilings_cover_every_element_once(data: st.DataObject) -> None:
     rebuilt = {li: np.full(local[li][1], -1, np.int64) for li in range(len(local))}
     for li, si, dest, stor, lens in items:
         (lo_, _), (so_, ss_) = local[li], saved[si]
-        d = tuple(slice(a, a + n) for a, n in zip(dest, lens))
-        s = tuple(slice(a, a + n) for a, n in zip(stor, lens))
-        saved_data = full[tuple(slice(o, o + n) for o, n in zip(so_, ss_))]
+        d = tuple(slice(a, a + n) for a, n in zip(dest, lens, strict=True))
+        s = tuple(slice(a, a + n) for a, n in zip(stor, lens, strict=True))
+        saved_data = full[tuple(slice(o, o + n) for o, n in zip(so_, ss_, strict=True))]
         counts[li][d] += 1
         rebuilt[li][d] = saved_data[s]
     for li, (lo_, ls_) in enumerate(local):
         assert (counts[li] == 1).all(), (li, counts[li])
-        np.testing.assert_array_equal(rebuilt[li], full[tuple(slice(o, o + n) for o, n in zip(lo_, ls_))])
+        np.testing.assert_array_equal(
+            rebuilt[li], full[tuple(slice(o, o + n) for o, n in zip(lo_, ls_, strict=True))]
+        )
     # the vectorized form agrees on coverage (one local chunk per "rank")
     pat = read_items_pattern(np.array([o for o, _ in saved]), np.array([s for _, s in saved]),
                              np.array([o for o, _ in local]), np.array([s for _, s in local]))  # fmt: skip
@@ -271,7 +277,7 @@ def test_mesh_layouts_cover_every_element_once(src: tuple, data: st.DataObject) 
     shape, mesh, pls = src
     mesh2, pls2 = data.draw(mesh_placements(len(shape)), label="target")
     ss, so = all_local_chunks(shape, mesh, pls)
-    keys = sorted({(tuple(o), tuple(s)) for o, s in zip(so.tolist(), ss.tolist())})
+    keys = sorted({(tuple(o), tuple(s)) for o, s in zip(so.tolist(), ss.tolist(), strict=True)})
     saved_o = np.array([k[0] for k in keys], np.int64).reshape(len(keys), len(shape))
     saved_s = np.array([k[1] for k in keys], np.int64).reshape(len(keys), len(shape))
     # _StridedShard chunks are not boxes (DCP records only the first offset): keep contiguous layouts
@@ -279,7 +285,9 @@ def test_mesh_layouts_cover_every_element_once(src: tuple, data: st.DataObject) 
         return
     ls, lo = all_local_chunks(shape, mesh2, pls2)
     pat = read_items_pattern(saved_o, saved_s, lo, ls)
-    per_rank = np.bincount(pat.rank, weights=pat.numel, minlength=len(lo)) if len(pat.rank) else np.zeros(len(lo))
+    per_rank = (
+        np.bincount(pat.rank, weights=pat.numel, minlength=len(lo)) if len(pat.rank) else np.zeros(len(lo))
+    )
     want = np.prod(ls, axis=1) if len(shape) else np.ones(len(lo))
     assert per_rank.tolist() == want.astype(float).tolist()
 

@@ -98,7 +98,7 @@ def reports(samples: dict[str, pathlib.Path]) -> dict[str, VerifyReport]:
     # a broken scenario must give per-rank errors, not a hang, and not stop the others
     scs.append(Scenario(str(samples["mixed"].parent / "no-such-checkpoint"), "2"))
     got = verify_many(scs, nproc=4, timeout=240)
-    return {**dict(zip(todo, got)), "missing checkpoint": got[-1]}
+    return {**dict(zip(todo, got[:-1], strict=True)), "missing checkpoint": got[-1]}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -187,7 +187,9 @@ def _torch_error(path: pathlib.Path, sd: dict[str, Any], strict: bool = True) ->
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(sd, checkpoint_id=path, no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        dcp.load(
+            sd, checkpoint_id=path, no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=not strict)
+        )
     except CheckpointException as ex:
         (failure,) = ex.failures.values()
         exc = failure[0] if isinstance(failure, tuple) else failure

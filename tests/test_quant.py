@@ -57,7 +57,9 @@ def _private_cache(tmp_path, monkeypatch):
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view of a float tensor (bit-exact comparisons: -0.0 and NaN payloads count)."""
-    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t.contiguous().view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
 
 
 def assert_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -89,7 +91,7 @@ def stored(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), "pt") as so:
-            out.update({k: so.get_tensor(k) for k in so.keys()})
+            out.update({k: so.get_tensor(k) for k in so.keys()})  # noqa: SIM118
     return out
 
 
@@ -102,7 +104,9 @@ def torch_fp8_whole(path: Path, dtype: torch.dtype = torch.float32) -> dict[str,
           if v.properties.dtype == torch.float8_e4m3fn}  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.load(sd, storage_reader=QuantizedHuggingFaceStorageReader(str(path), target_dtype=dtype), no_dist=True)
+        dcp.load(
+            sd, storage_reader=QuantizedHuggingFaceStorageReader(str(path), target_dtype=dtype), no_dist=True
+        )
     return sd
 
 
@@ -114,7 +118,7 @@ class _Planner:
 
     def resolve_tensor(self, req: Any) -> torch.Tensor:
         t = self.target
-        for d, (o, n) in enumerate(zip(req.dest_offsets, req.lengths)):
+        for d, (o, n) in enumerate(zip(req.dest_offsets, req.lengths, strict=True)):
             t = t.narrow(d, o, n)
         return t
 
@@ -133,7 +137,7 @@ def torch_fp8_region(path: Path, fqn: str, starts: list[int], stops: list[int],
     reader = QuantizedHuggingFaceStorageReader(str(path), target_dtype=dtype)
     md = reader.read_metadata()
     reader.set_up_storage_reader(md, True)
-    size = [b - a for a, b in zip(starts, stops)]
+    size = [b - a for a, b in zip(starts, stops, strict=True)]
     target = torch.full(size, float("nan"), dtype=dtype)
     chunk = ChunkStorageMetadata(offsets=torch.Size(starts), sizes=torch.Size(size))
     items = create_read_items_for_chunk_list(fqn, md.state_dict_metadata[fqn], [chunk])
@@ -154,7 +158,7 @@ def rewrite(src: Path, dst: Path, changes: dict[str, torch.Tensor | None], *, dr
     wm = index["weight_map"]
     for f in sorted(set(wm.values())):
         with safe_open(str(dst / f), "pt") as so:
-            tensors = {k: so.get_tensor(k) for k in so.keys()}
+            tensors = {k: so.get_tensor(k) for k in so.keys()}  # noqa: SIM118
             meta = so.metadata()
         hit = {k: v for k, v in changes.items() if k in tensors}
         if not hit:
@@ -202,7 +206,9 @@ def _fp8_tensors(seed: int, shapes: dict[str, tuple[int, int]], block: int = 128
         flat = codes.view(-1)
         flat[: min(256, flat.numel())] = torch.arange(min(256, flat.numel()), dtype=torch.uint8)
         sr, sc = -(-r // block), -(-c // block)
-        s = torch.exp2(torch.randint(-40, 10, (sr, sc), generator=g).float()) * (1 + torch.rand(sr, sc, generator=g))
+        s = torch.exp2(torch.randint(-40, 10, (sr, sc), generator=g).float()) * (
+            1 + torch.rand(sr, sc, generator=g)
+        )
         out[name] = codes.view(torch.float8_e4m3fn)
         out[name + "_scale_inv"] = s.float()
     return out
@@ -213,7 +219,14 @@ def fp8_synth(tmp_path_factory) -> Path:
     """FP8 weights of shapes not divisible by 128, every code, scales over 50 octaves; plus odd scales."""
     t = _fp8_tensors(7, FP8_SHAPES)
     s = t["c.weight_scale_inv"]  # [3, 2]
-    s[0, 0], s[0, 1], s[1, 0], s[1, 1], s[2, 0], s[2, 1] = float("inf"), 0.0, -3e-3, 2.0**121, 3e38, float("nan")
+    s[0, 0], s[0, 1], s[1, 0], s[1, 1], s[2, 0], s[2, 1] = (
+        float("inf"),
+        0.0,
+        -3e-3,
+        2.0**121,
+        3e38,
+        float("nan"),
+    )
     # a NaN code times a NaN scale is a NaN whose payload depends on how torch vectorized the multiply
     # (either operand's): no NaN code in the NaN-scale block, which leaves every other combination to compare
     c = t["c.weight"].view(torch.uint8)
@@ -292,7 +305,9 @@ def test_fp8_array_kernel_directly():
     sfull[1:, 1:] = s
     want = fp8_formula(full.view(torch.float8_e4m3fn), sfull, (32, 32))[40:, 50:]
     assert_bits(got, want, "fp8_dequantize at an offset")
-    assert_bits(Q.fp8_dequantize(w.numpy(), s.numpy(), 40, 50, (32, 32), dtype="bfloat16"), want.bfloat16(), "bf16")
+    assert_bits(
+        Q.fp8_dequantize(w.numpy(), s.numpy(), 40, 50, (32, 32), dtype="bfloat16"), want.bfloat16(), "bf16"
+    )
     assert Q.fp8_dequantize(np.zeros((0, 5), np.uint8), np.zeros((0, 1), np.float32)).shape == (0, 5)
 
 
@@ -313,7 +328,11 @@ def boxes(draw: Any, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
     return starts, stops
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_fp8_regions_equal_torch_reader_for_the_same_local_chunk(samples, fp8_synth, data):
     """A region (any alignment) == what torch's reader fills for a local chunk of that region."""
@@ -323,11 +342,15 @@ def test_fp8_regions_equal_torch_reader_for_the_same_local_chunk(samples, fp8_sy
     starts, stops = data.draw(boxes(ck[fqn].shape), label="region")
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     want = torch_fp8_region(path, fqn, starts, stops, dtype)
-    got = ck.load(fqn, slices=tuple(slice(a, b) for a, b in zip(starts, stops)), dtype=dtype)
+    got = ck.load(fqn, slices=tuple(slice(a, b) for a, b in zip(starts, stops, strict=True)), dtype=dtype)
     assert_bits(got, want, f"{fqn}[{starts}:{stops}] {dtype}")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_fp8_slices_equal_formula_sliced(fp8_synth, fp8_block64, data):
     """Slices with steps and integers, unaligned to blocks, 128 and 64 blocks, == the formula sliced."""
@@ -337,8 +360,11 @@ def test_fp8_slices_equal_formula_sliced(fp8_synth, fp8_block64, data):
     full = fp8_formula(raw[fqn], raw[fqn + "_scale_inv"], block)
     r, c = full.shape
     rs = slice(data.draw(st.integers(0, r)), data.draw(st.integers(0, r)), data.draw(st.integers(1, 4)))
-    cs = data.draw(st.integers(0, c - 1)) if data.draw(st.booleans()) else slice(
-        data.draw(st.integers(0, c)), data.draw(st.integers(0, c)), data.draw(st.integers(1, 4)))
+    cs = (
+        data.draw(st.integers(0, c - 1))
+        if data.draw(st.booleans())
+        else slice(data.draw(st.integers(0, c)), data.draw(st.integers(0, c)), data.draw(st.integers(1, 4)))
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Q.QuantizationWarning)
         got = opened(path).load(fqn, slices=(rs, cs))
@@ -402,7 +428,7 @@ def test_fp8_dtensor_shards_equal_ck_load_slices(samples, fp8_synth, tmp_path):
         for layout, rank, f, off, local in torch.load(out):
             if local.numel() == 0:
                 continue
-            region = tuple(slice(o, o + s) for o, s in zip(off, local.shape))
+            region = tuple(slice(o, o + s) for o, s in zip(off, local.shape, strict=True))
             assert not bool(local.isnan().all()), f"torch left {f} {layout} rank {rank} unfilled"
             assert_bits(ck.load(f, slices=region), local, f"{path.name} {f} {layout} rank {rank} {region}")
             n += 1
@@ -436,7 +462,10 @@ def test_parallel_slabs_count_every_byte_once(samples, monkeypatch):
     b = mx.loader.stats.bytes_read
     raw = stored(samples["mxfp4"])
     got = mx.load(MX + "down_proj_blocks")
-    assert mx.loader.stats.bytes_read - b == raw[MX + "down_proj_blocks"].numel() + raw[MX + "down_proj_scales"].numel()
+    assert (
+        mx.loader.stats.bytes_read - b
+        == raw[MX + "down_proj_blocks"].numel() + raw[MX + "down_proj_scales"].numel()
+    )
     assert_bits(got, mxfp4_formula(raw[MX + "down_proj_blocks"], raw[MX + "down_proj_scales"]), "many boxes")
 
 
@@ -453,7 +482,9 @@ def test_dequantization_is_vectorized_per_slab_not_per_block(tmp_path, monkeypat
     mreal = Q._mxfp4_into
     monkeypatch.setattr(Q, "_mxfp4_into", lambda *a: mcalls.append(1) or mreal(*a))
     blocks = torch.randint(0, 256, (4, 64, 8, 16), generator=g, dtype=torch.uint8)
-    path = write_ckpt(tmp_path / "m", {"m_blocks": blocks, "m_scales": torch.full((4, 64, 8), 127, dtype=torch.uint8)})
+    path = write_ckpt(
+        tmp_path / "m", {"m_blocks": blocks, "m_scales": torch.full((4, 64, 8), 127, dtype=torch.uint8)}
+    )
     opened(path).load("m_blocks")
     assert len(mcalls) == 1, f"{len(mcalls)} kernel calls for 2048 blocks"
 
@@ -480,7 +511,9 @@ def test_mxfp4_sample_whole_and_sliced_equal_formula(samples):
     for stem in ("gate_up_proj", "down_proj"):
         want = mxfp4_formula(raw[MX + stem + "_blocks"], raw[MX + stem + "_scales"])
         assert_bits(ck.load(MX + stem + "_blocks"), want, stem)
-        assert_bits(ck.load(MX + stem + "_blocks", slices="2, 5:77, 31:65"), want[2, 5:77, 31:65], f"{stem} sliced")
+        assert_bits(
+            ck.load(MX + stem + "_blocks", slices="2, 5:77, 31:65"), want[2, 5:77, 31:65], f"{stem} sliced"
+        )
         assert_bits(ck.load(MX + stem + "_blocks", dtype=torch.bfloat16), want.bfloat16(), f"{stem} bf16")
         got = ck.load(MX + stem + "_blocks", dequantize=False)
         assert_bits(got, raw[MX + stem + "_blocks"], "dequantize=False gives the stored blocks")
@@ -501,19 +534,29 @@ def test_mxfp4_every_scale_and_byte_equal_formula(mx_synth, dtype):
     assert_bits(ck.load("deep_blocks", dtype=dtype), deep.to(dtype), "5-D blocks")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_mxfp4_slices_equal_formula_sliced(samples, mx_synth, data):
     path = data.draw(st.sampled_from([samples["mxfp4"], mx_synth]), label="ckpt")
     raw = stored(path)
-    stem = data.draw(st.sampled_from(sorted(k[: -len("_blocks")] for k in raw if k.endswith("_blocks"))), label="stem")
+    stem = data.draw(
+        st.sampled_from(sorted(k[: -len("_blocks")] for k in raw if k.endswith("_blocks"))), label="stem"
+    )
     want = mxfp4_formula(raw[stem + "_blocks"], raw[stem + "_scales"])
     spec = []
     for n in want.shape:
         if data.draw(st.booleans()):
             spec.append(data.draw(st.integers(-n, n - 1)))
         else:
-            spec.append(slice(data.draw(st.integers(0, n)), data.draw(st.integers(0, n)), data.draw(st.integers(1, 3))))
+            spec.append(
+                slice(
+                    data.draw(st.integers(0, n)), data.draw(st.integers(0, n)), data.draw(st.integers(1, 3))
+                )
+            )
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
     got = opened(path).load(stem + "_blocks", slices=tuple(spec), dtype=dtype)
     assert_bits(got, want[tuple(spec)].to(dtype), f"{stem}{spec} {dtype}")
@@ -589,7 +632,9 @@ def test_quant_table_columns_documented_and_values(samples):
         s = raw[row["partner"]]
         assert row["block_size"] == (1, 1, 32)
         assert row["bits_per_value"] == 4.25
-        assert row["scale_min"] == 2.0 ** (int(s.min()) - 127) and row["scale_max"] == 2.0 ** (int(s.max()) - 127)
+        assert row["scale_min"] == 2.0 ** (int(s.min()) - 127) and row["scale_max"] == 2.0 ** (
+            int(s.max()) - 127
+        )
     full = ck.quant_check()
     assert list(full.columns) == [*_doc_columns(Q.quant_table), "checked", "zero_blocks", "nan_codes",
                                   "nonfinite_values", "overflow_values", "absmax"]  # fmt: skip
@@ -606,7 +651,7 @@ def test_quant_table_columns_documented_and_values(samples):
 
 def _problems(ck: dx.Checkpoint, check: bool = False) -> dict[str, tuple[str, ...]]:
     t = ck.quant_check() if check else ck.quant
-    return dict(zip(t["fqn"], t["problems"]))
+    return dict(zip(t["fqn"], t["problems"], strict=True))
 
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
@@ -629,7 +674,6 @@ def test_health_nan_scale(samples, tmp_path):
 
 
 def test_health_zeroed_scales(samples, tmp_path):
-    raw = stored(samples["fp8_block"])
     ck = opened(rewrite(samples["fp8_block"], tmp_path / "z", {GATE + "_scale_inv": torch.zeros(1, 3)}))
     assert _problems(ck)[GATE] == ("scale_zero",)
     chk = ck.quant_check().set_index("fqn").loc[GATE]
@@ -637,7 +681,11 @@ def test_health_zeroed_scales(samples, tmp_path):
     assert bool((ck.load(GATE) == 0).all())
     mraw = stored(samples["mxfp4"])
     name = MX + "down_proj"
-    mk = opened(rewrite(samples["mxfp4"], tmp_path / "mz", {name + "_scales": torch.zeros_like(mraw[name + "_scales"])}))
+    mk = opened(
+        rewrite(
+            samples["mxfp4"], tmp_path / "mz", {name + "_scales": torch.zeros_like(mraw[name + "_scales"])}
+        )
+    )
     row = mk.quant.set_index("fqn").loc[name + "_blocks"]
     assert row["problems"] == ("scale_zero",) and row["scale_zero"] == mraw[name + "_scales"].numel()
     assert row["scale_min"] == row["scale_max"] == 2.0**-127
@@ -645,7 +693,9 @@ def test_health_zeroed_scales(samples, tmp_path):
 
 def test_health_truncated_scale_tensor(samples, tmp_path):
     raw = stored(samples["fp8_block"])
-    ck = opened(rewrite(samples["fp8_block"], tmp_path / "t", {Q_PROJ + "_scale_inv": raw[Q_PROJ + "_scale_inv"][:2]}))
+    ck = opened(
+        rewrite(samples["fp8_block"], tmp_path / "t", {Q_PROJ + "_scale_inv": raw[Q_PROJ + "_scale_inv"][:2]})
+    )
     assert ck.warnings == []  # the pair is torch's; the problem is in the table
     probs = _problems(ck)
     assert probs[Q_PROJ] == ("scale_shape",)
@@ -656,7 +706,9 @@ def test_health_truncated_scale_tensor(samples, tmp_path):
     assert not ck.quant_check().set_index("fqn").loc[Q_PROJ]["checked"]
     mraw = stored(samples["mxfp4"])
     name = MX + "gate_up_proj"
-    mk = opened(rewrite(samples["mxfp4"], tmp_path / "mt", {name + "_scales": mraw[name + "_scales"][..., :2]}))
+    mk = opened(
+        rewrite(samples["mxfp4"], tmp_path / "mt", {name + "_scales": mraw[name + "_scales"][..., :2]})
+    )
     assert _problems(mk)[name + "_blocks"] == ("scale_shape",)
     with pytest.raises(Q.QuantizationError, match=r"\[4, 128, 3\]"):
         mk.load(name + "_blocks")
@@ -680,7 +732,9 @@ def test_health_missing_partner(samples, tmp_path):
     assert row["problems"] == ("missing_partner",) and row["format"] == "mxfp4"
     assert mk.load(name + "_blocks").dtype == torch.uint8
     # listed in the index, in no file
-    gone = opened(rewrite(samples["fp8_block"], tmp_path / "g", {GATE + "_scale_inv": None}, keep_in_index=True))
+    gone = opened(
+        rewrite(samples["fp8_block"], tmp_path / "g", {GATE + "_scale_inv": None}, keep_in_index=True)
+    )
     assert "no file holds it" in gone.quant.set_index("fqn").loc[GATE]["messages"][0]
 
 
@@ -727,7 +781,9 @@ def test_health_weight_scan_nan_codes_zero_blocks_overflow(samples, tmp_path):
 def test_quant_check_memory_is_bounded(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(5)
     w = torch.randint(0, 120, (1024, 8192), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    path = write_ckpt(tmp_path / "big", {"big.weight": w, "big.weight_scale_inv": torch.rand(8, 64, generator=g)})
+    path = write_ckpt(
+        tmp_path / "big", {"big.weight": w, "big.weight_scale_inv": torch.rand(8, 64, generator=g)}
+    )
     monkeypatch.setattr(Q, "SLAB_VALUES", 1 << 16)
     ck = opened(path)
     ck.quant  # noqa: B018
@@ -774,7 +830,9 @@ def test_block_stats_fp8_against_torch_and_reference(samples, tmp_path):
                                   st_.code_counts)  # fmt: skip
             err = _per_block((v - originals[fqn].float()).abs(), (128, 128), torch.amax, 0.0)
             assert np.array_equal(st_.error_max, err.numpy())
-            assert (st_.error_rel <= 1 / 16).all() and (st_.error_rel > 0).any()  # e4m3 rounding: <= half an ulp
+            assert (st_.error_rel <= 1 / 16).all() and (
+                st_.error_rel > 0
+            ).any()  # e4m3 rounding: <= half an ulp
             assert np.allclose(st_.utilization, 1.0, rtol=1e-3)  # scale = absmax / 448 per block
             nz = _per_block(torch.where(v == 0, torch.inf, v.abs()), (128, 128), torch.amin, float("inf"))
             assert np.allclose(st_.dynamic_range_bits, torch.log2(amax.double() / nz.double()).numpy())
@@ -799,7 +857,9 @@ def test_block_stats_mxfp4(samples):
     assert np.array_equal(st_.scale, np.ldexp(1.0, raw[name + "_scales"][1:2].numpy().astype(int) - 127))
     assert (st_.error_max == 0).all()
     b = raw[name + "_blocks"][1].reshape(-1).numpy()
-    assert np.array_equal(st_.code_counts, np.bincount(b & 15, minlength=16) + np.bincount(b >> 4, minlength=16))
+    assert np.array_equal(
+        st_.code_counts, np.bincount(b & 15, minlength=16) + np.bincount(b >> 4, minlength=16)
+    )
     with pytest.raises(ValueError, match="shape"):
         Q.block_stats(ck, name + "_blocks", reference=want[:2])
     with pytest.raises(KeyError, match="not a quantized"):

@@ -17,8 +17,6 @@ import shutil
 
 import numpy as np
 import pytest
-
-import dcp_explorer
 from _reference import (
     dtype_name,
     per_rank_ranks,
@@ -28,6 +26,8 @@ from _reference import (
     torch_metadata,
     torch_reader,
 )
+
+import dcp_explorer
 
 torch = pytest.importorskip("torch")
 from torch.distributed.checkpoint.metadata import (  # noqa: E402
@@ -166,7 +166,9 @@ def test_sub_directory_of_distributed_shards(samples):
     assert_matches_torch_entries(ckpt, md)
     assert_matches_torch_hf_storage(ckpt, md)
     assert ckpt.format == "hf_dcp_shards"
-    assert sorted(ckpt.chunks["rank"].unique().tolist()) == list(range(len({f[:11] for f in ckpt.index.files})))
+    assert sorted(ckpt.chunks["rank"].unique().tolist()) == list(
+        range(len({f[:11] for f in ckpt.index.files}))
+    )
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SAMPLES if n in ("fp8_block", "mxfp4")))
@@ -359,7 +361,9 @@ def _odd_state_dict():
 
 
 @pytest.mark.parametrize(
-    "writer_kwargs", [{}, {"single_file_per_rank": False}, {"thread_count": 3}], ids=["default", "file-per-item", "threads"]
+    "writer_kwargs",
+    [{}, {"single_file_per_rank": False}, {"thread_count": 3}],
+    ids=["default", "file-per-item", "threads"],
 )
 def test_dcp_every_dtype_and_layout(tmp_path, writer_kwargs):
     import warnings
@@ -369,7 +373,11 @@ def test_dcp_every_dtype_and_layout(tmp_path, writer_kwargs):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save(_odd_state_dict(), storage_writer=FileSystemWriter(str(tmp_path / "ck"), **writer_kwargs), no_dist=True)
+        dcp.save(
+            _odd_state_dict(),
+            storage_writer=FileSystemWriter(str(tmp_path / "ck"), **writer_kwargs),
+            no_dist=True,
+        )
     ckpt = dcp_explorer.open(tmp_path / "ck")
     md = torch_metadata("dcp", tmp_path / "ck")
     assert_matches_torch_entries(ckpt, md)
@@ -397,7 +405,7 @@ def test_safetensors_every_dtype(tmp_path, dtype):
     raw = path.read_bytes()
     with safe_open(str(path), framework="pt") as f:
         assert list(ckpt.fqns) == sorted(f.keys())
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - not a dict
             t = f.get_tensor(key)
             info = ckpt[key]
             assert (info.dtype, info.shape) == (dtype_name(t.dtype), tuple(t.shape)), key

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _guard import watching
 
 import dcp_explorer as dx
-from _guard import watching
 
 torch = pytest.importorskip("torch")
 
@@ -42,7 +42,13 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
         if p.is_dir():
             out[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
         else:
-            out[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            out[rel] = (
+                "f",
+                stat.S_IMODE(st.st_mode),
+                st.st_size,
+                st.st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
     return out
 
 
@@ -82,17 +88,18 @@ def op_open_and_tables(ro: dict[str, Path], out: Path) -> None:
                 for depth in (1, 2, 3):
                     ck.modules(depth)
                 for fqn in ck.fqns:
-                    ck.chunks_of(fqn) if ck.tensor(fqn).kind == "tensor" else None
+                    if ck.tensor(fqn).kind == "tensor":
+                        ck.chunks_of(fqn)
                 ck.file_sizes()
-    dx.open(ro["mixed_per_rank"], rank=2).tensors
-    dx.open(ro["hf_rank0"] / "model-00001-of-00003.safetensors").tensors  # a single file
-    dx.open(ro["mixed"] / ".metadata", format="dcp").chunks
+    _ = dx.open(ro["mixed_per_rank"], rank=2).tensors
+    _ = dx.open(ro["hf_rank0"] / "model-00001-of-00003.safetensors").tensors  # a single file
+    _ = dx.open(ro["mixed"] / ".metadata", format="dcp").chunks
 
 
 def op_quant(ro: dict[str, Path], out: Path) -> None:
     for n in ("fp8_block", "mxfp4"):
         ck = dx.open(ro[n])
-        ck.quant
+        _ = ck.quant
         ck.quant_check()
 
 
@@ -119,10 +126,10 @@ def op_load(ro: dict[str, Path], out: Path) -> None:
 
 def op_diff(ro: dict[str, Path], out: Path) -> None:
     d = dx.diff(ro["llama_fsdp_ws2"], ro["llama_fsdp_tp_2x2"], atol=1e-6)
-    d.table, d.summary(), d.report(), d._repr_html_(), repr(d)
+    _ = d.table, d.summary(), d.report(), d._repr_html_(), repr(d)
     d2 = dx.diff(dx.open(ro["mixed"]), ro["mixed_zstd"])
-    d2.table, d2.equal
-    dx.diff(ro["hf_rank0"], ro["hf_consolidated"]).table
+    _ = d2.table, d2.equal
+    _ = dx.diff(ro["hf_rank0"], ro["hf_consolidated"]).table
 
 
 def op_export(ro: dict[str, Path], out: Path) -> None:
@@ -153,7 +160,9 @@ def op_widgets(ro: dict[str, Path], out: Path) -> None:
         r.tabs.selected_index = i
     assert r.error.value == ""
     q = QuantViewer(dx.open(ro["fp8_block"]))
-    q.tensor.value = q.tensor.options[-1][1] if isinstance(q.tensor.options[-1], tuple) else q.tensor.options[-1]
+    q.tensor.value = (
+        q.tensor.options[-1][1] if isinstance(q.tensor.options[-1], tuple) else q.tensor.options[-1]
+    )
     QuantViewer(dx.open(ro["mxfp4"]))
     DiffViewer(dx.diff(ro["llama_fsdp_ws2"], ro["llama_fsdp_tp_2x2"]))
 
@@ -183,7 +192,10 @@ def op_cli(ro: dict[str, Path], out: Path, capsys: Any = None) -> None:
     tp = str(ro["llama_fsdp_tp_2x2"])
     assert main(["info", tp]) == 0
     assert main(["info", str(ro["mixed_per_rank"]), "--rank", "1", "--json"]) == 0
-    assert main(["plan", tp, "--mesh", "dp_shard=2,tp=2", "--preset", "fsdp_tp", "--csv", str(out / "plan.csv")]) == 0
+    assert (
+        main(["plan", tp, "--mesh", "dp_shard=2,tp=2", "--preset", "fsdp_tp", "--csv", str(out / "plan.csv")])
+        == 0
+    )
     assert main(["load", tp, "model.layers.0.attention.wq.weight", "--slice", "0:3, :"]) == 0
     assert main(["load", str(ro["mixed"]), "extra.cfg.betas"]) == 0
     assert main(["export", str(ro["hf_rank0"]), "--to", str(out / "cli-export")]) == 0
@@ -205,7 +217,9 @@ OPERATIONS: dict[str, Callable[..., None]] = {
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(OPERATIONS))
-def test_operation_leaves_checkpoints_untouched(name: str, ro: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_operation_leaves_checkpoints_untouched(
+    name: str, ro: dict[str, Path], tmp_path: Path, capsys
+) -> None:
     root = ro["_root"]
     before = snapshot(root)
     out = tmp_path / "out"

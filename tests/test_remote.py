@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("moto.server", reason="moto[server] is not installed: no local S3-compatible server to run")
+pytest.importorskip(
+    "moto.server", reason="moto[server] is not installed: no local S3-compatible server to run"
+)
 s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed: fsspec cannot read s3:// URLs")
 torch = pytest.importorskip("torch")
 

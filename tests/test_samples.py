@@ -88,7 +88,7 @@ def coverage(size: tuple[int, ...], chunks: list[Chunk]) -> np.ndarray:
     """How many chunks cover each element."""
     counts = np.zeros(size, dtype=np.int64)
     for off, sz in chunks:
-        counts[tuple(slice(o, o + s) for o, s in zip(off, sz))] += 1
+        counts[tuple(slice(o, o + s) for o, s in zip(off, sz, strict=True))] += 1
     return counts
 
 
@@ -155,9 +155,7 @@ def test_names_descriptions_and_docstring() -> None:
         assert f"``{name}``" in (S.__doc__ or ""), name
 
 
-def test_default_root_is_keyed_by_version(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
-) -> None:
+def test_default_root_is_keyed_by_version(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setenv("DCP_EXPLORER_SAMPLES", str(tmp_path))
     first = S.default_root()
     assert first.parent == tmp_path
@@ -174,9 +172,7 @@ def test_unknown_name_raises(tmp_path: pathlib.Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_all_samples_exist_and_are_cached(
-    samples: Samples, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_all_samples_exist_and_are_cached(samples: Samples, capsys: pytest.CaptureFixture[str]) -> None:
     assert list(samples) == list(S.SAMPLE_NAMES)
     for name, path in samples.items():
         assert path.is_dir() and path.name == name
@@ -196,9 +192,7 @@ def test_sizes_stay_small(samples: Samples) -> None:
         assert size < 5 * 1024**2, (name, size)
 
 
-def test_subset_and_force_rebuild(
-    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_subset_and_force_rebuild(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     paths = S.make_samples(tmp_path, ["mxfp4", "fp8_block"])
     assert list(paths) == ["mxfp4", "fp8_block"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8_block", "mxfp4"]
@@ -352,16 +346,25 @@ def test_mixed_layout(samples: Samples) -> None:
     bytes_fqns = {k for k, v in sdm.items() if isinstance(v, BytesStorageMetadata)}
     assert bytes_fqns == set(MIXED_BYTES)
     assert chunks_of(md, "model.row_sharded") == [
-        ((0, 0), (3, 6)), ((3, 0), (3, 6)), ((6, 0), (3, 6)), ((9, 0), (1, 6))
+        ((0, 0), (3, 6)),
+        ((3, 0), (3, 6)),
+        ((6, 0), (3, 6)),
+        ((9, 0), (1, 6)),
     ]
     assert chunks_of(md, "model.col_sharded") == [
-        ((0, 0), (5, 4)), ((0, 4), (5, 4)), ((0, 8), (5, 4)), ((0, 12), (5, 1))
+        ((0, 0), (5, 4)),
+        ((0, 4), (5, 4)),
+        ((0, 8), (5, 4)),
+        ((0, 12), (5, 1)),
     ]
     # 3 rows over 4 ranks: rank 3 holds an empty chunk, placed at offset = dim size.
     assert chunks_of(md, "model.tiny_rows")[3] == ((3, 0), (0, 8))
     assert chunks_of(md, "model.token_ids")[3] == ((9,), (0,))
     assert chunks_of(md, "model.grid") == [
-        ((0, 0), (4, 5)), ((0, 5), (4, 4)), ((4, 0), (3, 5)), ((4, 5), (3, 4))
+        ((0, 0), (4, 5)),
+        ((0, 5), (4, 4)),
+        ((4, 0), (3, 5)),
+        ((4, 5), (3, 4)),
     ]
     for fqn in ("model.replicated", "model.mask", "model.plain", "extra.list.1"):
         assert len(chunks_of(md, fqn)) == 1, fqn  # replicated: deduplicated to one writer
@@ -457,8 +460,8 @@ def test_per_rank_metadata(samples: Samples) -> None:
             if not isinstance(m, TensorStorageMetadata):
                 assert target[fqn] == ref[fqn], fqn
                 continue
-            (off, sz), = chunks_of(md, fqn)
-            region = tuple(slice(o, o + s) for o, s in zip(off, sz))
+            ((off, sz),) = chunks_of(md, fqn)
+            region = tuple(slice(o, o + s) for o, s in zip(off, sz, strict=True))
             assert torch.equal(target[fqn][region], ref[fqn][region]), (rank, fqn)
 
 
@@ -514,9 +517,7 @@ def _expected_hf_chunks(fqn: str, shape: tuple[int, ...]) -> set[Chunk]:
 
 def test_hf_distributed(samples: Samples) -> None:
     path = samples["hf_distributed"]
-    assert dcp_files(path) == [
-        f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2, 3, 4)
-    ]
+    assert dcp_files(path) == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2, 3, 4)]
     ref = S._hf_reference(include_int=True)
     for f in path.iterdir():
         meta = safetensors_header(f)["__metadata__"]
@@ -625,7 +626,7 @@ def test_mxfp4_metadata_and_values(samples: Samples) -> None:
         blocks, scales = stored[p + stem + "_blocks"], stored[p + stem + "_scales"]
         e, r, g, b = blocks.shape
         assert b == 16 and scales.shape == (e, r, g) and scales.dtype == torch.uint8
-        assert 120 <= int(scales.min()) and int(scales.max()) <= 130
+        assert int(scales.min()) >= 120 and int(scales.max()) <= 130
         assert len(torch.unique(blocks & 0x0F)) == 16
         m = md.state_dict_metadata[p + stem + "_blocks"]
         assert tuple(m.size) == (e, r, g * 32)  # the reader reports the dequantized size ...
@@ -638,19 +639,13 @@ def test_mxfp4_metadata_and_values(samples: Samples) -> None:
         got = target[p + stem + "_blocks"]
         # torch 2.13 fills only the first G values of the last dim (chunk size not updated).
         assert torch.equal(got[..., :g], expected[..., :g])
-    plain = {
-        k: torch.zeros_like(v)
-        for k, v in stored.items()
-        if not k.endswith(("_blocks", "_scales"))
-    }
+    plain = {k: torch.zeros_like(v) for k, v in stored.items() if not k.endswith(("_blocks", "_scales"))}
     dcp.load(plain, storage_reader=QuantizedHuggingFaceStorageReader(str(path)), no_dist=True)
     for k, v in plain.items():
         assert_same(v, stored[k], k)
 
 
-@pytest.mark.xfail(
-    reason="torch 2.13: dcp.load of MXFP4 fills only the first G values", strict=False
-)
+@pytest.mark.xfail(reason="torch 2.13: dcp.load of MXFP4 fills only the first G values", strict=False)
 def test_mxfp4_full_dcp_load(samples: Samples) -> None:
     stored, _ = S._mxfp4_reference()
     k = "model.layers.0.mlp.experts.down_proj"
@@ -661,9 +656,7 @@ def test_mxfp4_full_dcp_load(samples: Samples) -> None:
     assert torch.equal(target[k + "_blocks"], expected)
 
 
-def test_port_taken_meanwhile_is_retried(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_port_taken_meanwhile_is_retried(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
     real = S._free_port

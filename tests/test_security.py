@@ -15,9 +15,9 @@ import shutil
 import sys
 
 import pytest
+from _reference import sample_names, snapshot
 
 import dcp_explorer
-from _reference import sample_names, snapshot
 from dcp_explorer import IndexFileError, MetadataError, UnsafePickleError
 from dcp_explorer.readers._safe_pickle import ALLOWED_GLOBALS
 
@@ -274,8 +274,8 @@ def test_nothing_is_written_inside_the_checkpoint(samples, name, tmp_path):
     for _ in range(2):  # cold and warm cache
         for strict in (True, False):
             ckpt = dcp_explorer.open(path, strict=strict)
-            ckpt.tensors, ckpt.chunks, ckpt.files
-            ckpt.modules(1), ckpt.modules(3), ckpt.summary(), repr(ckpt), ckpt._repr_html_()
+            _ = ckpt.tensors, ckpt.chunks, ckpt.files
+            _ = ckpt.modules(1), ckpt.modules(3), ckpt.summary(), repr(ckpt), ckpt._repr_html_()
             for fqn in ckpt.fqns:
                 ckpt.chunks_of(fqn)
             ckpt.file_sizes()
@@ -300,4 +300,6 @@ def test_symlinked_data_file_escaping_the_directory_is_refused(samples, tmp_path
     assert "__1_0.distcp" in str(ei.value)
     # a symlink to the whole checkpoint directory is fine
     (tmp_path / "link").symlink_to(samples["mixed"])
-    assert len(dcp_explorer.open(tmp_path / "link", cache=False).fqns) == len(dcp_explorer.open(samples["mixed"]).fqns)
+    assert len(dcp_explorer.open(tmp_path / "link", cache=False).fqns) == len(
+        dcp_explorer.open(samples["mixed"]).fqns
+    )

@@ -19,8 +19,6 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-
-import dcp_explorer
 from _reference import (
     dtype_name,
     element_size,
@@ -32,6 +30,8 @@ from _reference import (
     torch_metadata,
     torch_reader,
 )
+
+import dcp_explorer
 from dcp_explorer import tables
 
 torch = pytest.importorskip("torch")
@@ -60,7 +60,11 @@ class TorchView:
             self.mds = [torch_metadata(self.kind, path)]
 
     def file_of(self, storage_info):
-        return os.path.basename(storage_info.relative_path) if self.kind.startswith("hf") else storage_info.relative_path
+        return (
+            os.path.basename(storage_info.relative_path)
+            if self.kind.startswith("hf")
+            else storage_info.relative_path
+        )
 
     def entries(self):
         """fqn -> (metadata, chunk list over all metadata files), in first-seen order."""
@@ -147,8 +151,9 @@ CHECKERS = {
     "Int64": lambda c: c.dtype == pd.Int64Dtype(),
     "float": lambda c: c.dtype == np.float64,
     "category": lambda c: isinstance(c.dtype, pd.CategoricalDtype),
-    "tuple of int": lambda c: c.dtype == object
-    and _all(c, lambda v: isinstance(v, tuple) and all(type(x) is int for x in v)),
+    "tuple of int": lambda c: (
+        c.dtype == object and _all(c, lambda v: isinstance(v, tuple) and all(type(x) is int for x in v))
+    ),
 }
 
 
@@ -158,7 +163,9 @@ def assert_documented(df, func):
     assert list(df.columns) == [n for n, _ in cols], f"{func.__name__}: columns differ from its docstring"
     for name, typ in cols:
         assert typ in CHECKERS, f"{func.__name__} documents {name} as {typ!r}: teach this test that type"
-        assert CHECKERS[typ](df[name]), f"{func.__name__}: column {name} is {df[name].dtype}, documented {typ}"
+        assert CHECKERS[typ](df[name]), (
+            f"{func.__name__}: column {name} is {df[name].dtype}, documented {typ}"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -263,7 +270,7 @@ def test_tensors_nbytes_is_stored_bytes_for_safetensors(opened, samples, name):
     stored = collections.Counter()
     for f in ckpt.index.files:
         with safe_open(str(samples[name] / f), framework="pt") as h:
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 - not a dict
                 stored[k] += len(tensor_bytes(h.get_tensor(k)))
     t = ckpt.tensors.set_index("fqn")
     assert t["nbytes"].to_dict() == dict(stored)
@@ -277,7 +284,9 @@ def test_tensors_bytes_items_and_chunk_counts(opened, torch_view, name):
     for fqn, (m, chunks) in entries.items():
         if isinstance(m, BytesStorageMetadata):
             assert t.loc[fqn, "kind"] == "bytes"
-            (length,) = {md.storage_data[k].length for md in view.mds for k in md.storage_data if k.fqn == fqn}
+            (length,) = {
+                md.storage_data[k].length for md in view.mds for k in md.storage_data if k.fqn == fqn
+            }
             assert t.loc[fqn, "nbytes"] == length
         else:
             assert t.loc[fqn, "num_chunks"] == len(chunks)
@@ -296,8 +305,10 @@ def test_chunks_nbytes_and_rows(opened, torch_view, name):
         if isinstance(m, BytesStorageMetadata):
             continue
         es = element_size(dtype_name(m.properties.dtype))
-        want += [(fqn, i, tuple(k.offsets), tuple(k.sizes), math.prod(k.sizes) * es) for i, k in enumerate(chunks)]
-    got = list(zip(c["fqn"].astype(object), c["chunk"], c["offsets"], c["sizes"], c["nbytes"]))
+        want += [
+            (fqn, i, tuple(k.offsets), tuple(k.sizes), math.prod(k.sizes) * es) for i, k in enumerate(chunks)
+        ]
+    got = list(zip(c["fqn"].astype(object), c["chunk"], c["offsets"], c["sizes"], c["nbytes"], strict=True))
     assert got == want
     # rows agree with the row objects of the model
     for r in range(0, len(c), max(1, len(c) // 50)):
@@ -371,13 +382,17 @@ def test_modules_aggregate_torchs_entries(opened, torch_view, name, depth):
         w = want.setdefault(_prefix(fqn, depth), collections.Counter())
         if isinstance(m, BytesStorageMetadata):
             w["num_bytes_items"] += 1
-            (length,) = {md.storage_data[k].length for md in view.mds for k in md.storage_data if k.fqn == fqn}
+            (length,) = {
+                md.storage_data[k].length for md in view.mds for k in md.storage_data if k.fqn == fqn
+            }
             w["nbytes"] += length
         else:
             w["num_tensors"] += 1
             w["numel"] += math.prod(m.size)
             w["num_chunks"] += len(chunks)
-            w["nbytes"] += sum(math.prod(c.sizes) for c in chunks) * element_size(dtype_name(m.properties.dtype))
+            w["nbytes"] += sum(math.prod(c.sizes) for c in chunks) * element_size(
+                dtype_name(m.properties.dtype)
+            )
     mods = ckpt.modules(depth=depth)
     assert list(mods["module"]) == list(want), "modules are not in first-seen order"
     for row in mods.itertuples(index=False):

@@ -92,7 +92,7 @@ def test_scales_heatmap_marks_bad_blocks(fp8, samples, tmp_path):
     wm = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
     f = dst / wm[FP8 + "_scale_inv"]
     with safe_open(str(f), "pt") as so:
-        tensors = {k: so.get_tensor(k) for k in so.keys()}
+        tensors = {k: so.get_tensor(k) for k in so.keys()}  # noqa: SIM118
         meta = so.metadata()
     s = tensors[FP8 + "_scale_inv"]
     s[0, 0], s[1, 1] = float("nan"), 0.0
@@ -135,7 +135,9 @@ def test_dynamic_range_heatmap(fp8, quantity):
     im = _image(ax)
     assert im.get_array().shape == (3, 2)
     assert isinstance(im.norm, LogNorm) == (quantity == "absmax")
-    want = {"dynamic_range": st.dynamic_range_bits, "utilization": st.utilization, "absmax": st.absmax}[quantity]
+    want = {"dynamic_range": st.dynamic_range_bits, "utilization": st.utilization, "absmax": st.absmax}[
+        quantity
+    ]
     assert np.allclose(np.asarray(im.get_array()), want)
     with pytest.raises(ValueError, match="quantity"):
         V.plot_quant_dynamic_range(st, quantity="nope")

@@ -25,7 +25,10 @@ def test_browser_filter_select_and_preview(tp):
     b.search.value = "attention.wq"
     assert [v for _, v in b.tensor.options] == [f for f in tp.fqns if "attention.wq" in f]
     b.search.value = "model.layers.*.feed_forward.w2.weight"
-    assert [v for _, v in b.tensor.options] == ["model.layers.0.feed_forward.w2.weight", "model.layers.1.feed_forward.w2.weight"]
+    assert [v for _, v in b.tensor.options] == [
+        "model.layers.0.feed_forward.w2.weight",
+        "model.layers.1.feed_forward.w2.weight",
+    ]
     fqn = "model.layers.1.feed_forward.w2.weight"
     b.tensor.value = fqn
     assert png(b.chunk_map.value)
@@ -90,6 +93,9 @@ def test_reshard_explorer_shows_errors_in_the_widget(tp):
 def test_static_fallbacks(tp):
     b = CheckpointBrowser(tp)
     bundle = b._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle and "dcp_explorer.Checkpoint" in bundle["text/html"]
+    assert (
+        "application/vnd.jupyter.widget-view+json" in bundle
+        and "dcp_explorer.Checkpoint" in bundle["text/html"]
+    )
     r = ReshardExplorer(tp, 2)
     assert "LoadPlan" in r._repr_mimebundle_()["text/html"]

@@ -111,7 +111,7 @@ def test_quant_viewer_shows_problems_from_quant_check(corrupted):
     q = QuantViewer(bad, fqn=VICTIM)
     want = quant_check(bad, [VICTIM], progress=False).iloc[0]
     assert set(want["problems"]) == {"scale_nan", "scale_zero", "zero_blocks"}
-    for code, msg in zip(want["problems"], want["messages"]):
+    for code, msg in zip(want["problems"], want["messages"], strict=True):
         assert f"<code>{code}</code>" in q.problems.value and html.escape(msg) in q.problems.value
     assert "all-zero blocks</th><td>1<" in q.stats.value
     assert "scale_nan" in q.tensor.label  # flagged in the dropdown (from ckpt.quant)
@@ -254,7 +254,9 @@ def test_diff_viewer_block_map_follows_the_library(d_edit):
     np.testing.assert_array_equal(v.last_block_map, d_edit.block_map("model.layers.0.attention.wq.weight", 8))
     assert int((v.last_block_map > 0).sum()) == 4 and png(v.block_map.value)
     row = d_edit.table.set_index("fqn").loc["model.layers.0.attention.wq.weight"]
-    assert f"{row['max_abs_diff']:.6g}" in v.details.value and f"{int(row['num_outside']):,}" in v.details.value
+    assert (
+        f"{row['max_abs_diff']:.6g}" in v.details.value and f"{int(row['num_outside']):,}" in v.details.value
+    )
     v.stat.value = "count"
     np.testing.assert_array_equal(v.last_block_map,
                                   d_edit.block_map("model.layers.0.attention.wq.weight", 8, stat="count"))  # fmt: skip
@@ -302,7 +304,10 @@ def test_diff_viewer_equal_diff_and_static_fallback(samples):
     assert m is not None and not m.any()  # identical: every tile 0
     bundle = v._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert "dcp_explorer.CheckpointDiff" in bundle["text/html"] and "data:image/png;base64" in bundle["text/html"]
+    assert (
+        "dcp_explorer.CheckpointDiff" in bundle["text/html"]
+        and "data:image/png;base64" in bundle["text/html"]
+    )
 
 
 def test_parse_block():

@@ -147,7 +147,6 @@ def _index(r: dict[str, Any]) -> CheckpointIndex | None:
     """Wrap the scanner's buffers as numpy columns (no copies) and finish like ``parse_metadata``."""
     from .dcp import rank_of_file  # here, so that dcp.py can import this module
 
-
     def col(name: str, dtype: Any) -> np.ndarray:
         return np.frombuffer(r[name], dtype=dtype)
 

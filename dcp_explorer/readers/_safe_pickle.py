@@ -20,11 +20,62 @@ __all__ = ["DType", "load_metadata_pickle", "ALLOWED_GLOBALS"]
 
 # torch dtypes a checkpoint may name (STACK_GLOBAL 'torch' '<name>')
 _TORCH_DTYPES = frozenset(
-    """float64 float32 float16 bfloat16 complex128 complex64 complex32 int64 int32 int16 int8
-    uint8 uint16 uint32 uint64 bool float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz
-    float8_e8m0fnu float4_e2m1fn_x2 qint8 quint8 qint32 quint4x2 quint2x4 bits1x8 bits2x4 bits4x2
-    bits8 bits16 double float half cfloat cdouble long int short uint1 uint2 uint3 uint4 uint5
-    uint6 uint7 int1 int2 int3 int4 int5 int6 int7""".split()
+    [
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "complex128",
+        "complex64",
+        "complex32",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+        "qint8",
+        "quint8",
+        "qint32",
+        "quint4x2",
+        "quint2x4",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+        "bits8",
+        "bits16",
+        "double",
+        "float",
+        "half",
+        "cfloat",
+        "cdouble",
+        "long",
+        "int",
+        "short",
+        "uint1",
+        "uint2",
+        "uint3",
+        "uint4",
+        "uint5",
+        "uint6",
+        "uint7",
+        "int1",
+        "int2",
+        "int3",
+        "int4",
+        "int5",
+        "int6",
+        "int7",
+    ]
 )
 _ALIASES = {"double": "float64", "float": "float32", "half": "float16", "cfloat": "complex64",
             "cdouble": "complex128", "long": "int64", "int": "int32", "short": "int16"}  # fmt: skip
@@ -87,7 +138,9 @@ class TensorProperties:
             self.memory_format = state.get("memory_format", 0)
             self.pin_memory = state.get("pin_memory", False)
         else:
-            raise pickle.UnpicklingError(f"TensorProperties state is {type(state).__name__}, expected a 5-tuple")
+            raise pickle.UnpicklingError(
+                f"TensorProperties state is {type(state).__name__}, expected a 5-tuple"
+            )
 
 
 def _layout(name: Any) -> str:
@@ -151,9 +204,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(
-            f"refused persistent id {pid!r}: DCP metadata has none", path=self._path
-        )
+        raise UnsafePickleError(f"refused persistent id {pid!r}: DCP metadata has none", path=self._path)
 
 
 def _guard(data: bytes, scanner: bool = True) -> tuple[str, str] | None:

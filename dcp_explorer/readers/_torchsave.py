@@ -153,7 +153,12 @@ class _TensorPickle(pickle.Unpickler):
         )  # fmt: skip
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) >= 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+        ):
             raise MetadataError(f"unexpected persistent id {pid!r} in a saved tensor item", path=self._where)
         return _Storage(pid[1].dtype, str(pid[2]), int(pid[4]))
 

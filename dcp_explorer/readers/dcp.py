@@ -131,7 +131,8 @@ def parse_metadata(md: Any, path: str) -> CheckpointIndex:
         if not lens_ok.all():  # before reading the coordinates: the counts would not add up
             bad = int(np.flatnonzero(~lens_ok)[0])
             raise MetadataError(
-                f"a chunk of {fqns[int(entry[bad])]!r} has a different number of dims than the tensor", path=path
+                f"a chunk of {fqns[int(entry[bad])]!r} has a different number of dims than the tensor",
+                path=path,
             )
         offsets = np.fromiter(chain.from_iterable(offs_t), dtype=np.int64, count=total)
         sizes = np.fromiter(chain.from_iterable(sizes_t), dtype=np.int64, count=total)
@@ -211,7 +212,9 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
     try:
         ent = np.fromiter(map(lookup.__getitem__, map(attrgetter("fqn"), keys)), np.int64, k)
     except KeyError as e:
-        raise MetadataError(f"storage_data names {e.args[0]!r}, which state_dict_metadata lacks", path=path) from e
+        raise MetadataError(
+            f"storage_data names {e.args[0]!r}, which state_dict_metadata lacks", path=path
+        ) from e
     except (AttributeError, TypeError) as e:
         raise MetadataError(f"a storage_data key has no valid fqn ({e})", path=path) from e
     rel = list(map(attrgetter("relative_path"), vals))
@@ -239,7 +242,9 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
     tens = np.flatnonzero(~is_bytes)
     # rows from the index hints, checked against the key's offsets; fall back to a search
     ent_t = ent[tens]
-    hint_t = np.fromiter((h if isinstance(h, int) else -1 for h in map(hint.__getitem__, tens)), np.int64, len(tens))
+    hint_t = np.fromiter(
+        (h if isinstance(h, int) else -1 for h in map(hint.__getitem__, tens)), np.int64, len(tens)
+    )
     cnt = chunk_start[ent_t + 1] - chunk_start[ent_t]
     ok = (hint_t >= 0) & (hint_t < cnt)
     rows = np.where(ok, chunk_start[ent_t] + hint_t, -1)
@@ -288,11 +293,18 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
         stored: dict[tuple[int, bytes], int] = {}
         ent_of = np.repeat(np.arange(len(fqns)), np.diff(chunk_start))
         for row in np.flatnonzero(seen).tolist():
-            stored.setdefault((int(ent_of[row]), offsets[coord_start[row] : coord_start[row + 1]].tobytes()), row)
+            stored.setdefault(
+                (int(ent_of[row]), offsets[coord_start[row] : coord_start[row + 1]].tobytes()), row
+            )
         for row in np.flatnonzero(~seen).tolist():
             src = stored.get((int(ent_of[row]), offsets[coord_start[row] : coord_start[row + 1]].tobytes()))
             if src is not None:
-                file_col[row], boff[row], blen[row], tcol[row] = file_col[src], boff[src], blen[src], tcol[src]
+                file_col[row], boff[row], blen[row], tcol[row] = (
+                    file_col[src],
+                    boff[src],
+                    blen[src],
+                    tcol[src],
+                )
                 seen[row] = True
     missing = int((~seen).sum())
     if missing:
@@ -301,7 +313,9 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
         warnings.append(f"{missing} chunk(s) have no storage location, e.g. a chunk of {fqns[e]!r}")
     missing_bytes = [fqns[i] for i in np.flatnonzero(kinds == KIND_BYTES) if int(i) not in bytes_items]
     if missing_bytes:
-        warnings.append(f"{len(missing_bytes)} bytes item(s) have no storage location, e.g. {missing_bytes[0]!r}")
+        warnings.append(
+            f"{len(missing_bytes)} bytes item(s) have no storage location, e.g. {missing_bytes[0]!r}"
+        )
 
 
 def read_metadata_file(store: Store, name: str) -> CheckpointIndex:
@@ -349,7 +363,9 @@ def merge_indexes(parts: list[CheckpointIndex]) -> CheckpointIndex:
     fmaps, tmaps = [], []
     for pi, p in enumerate(parts):
         fmaps.append(np.array([files.setdefault(f, len(files)) for f in p.files] + [-1], np.int32))
-        tmaps.append(np.array([transforms.setdefault(t, len(transforms)) for t in p.transforms] + [-1], np.int16))
+        tmaps.append(
+            np.array([transforms.setdefault(t, len(transforms)) for t in p.transforms] + [-1], np.int16)
+        )
         planner.update(p.planner_data)
         warnings.extend(p.warnings)
         for e, f in enumerate(p.fqns):
@@ -370,7 +386,9 @@ def merge_indexes(parts: list[CheckpointIndex]) -> CheckpointIndex:
     counts = np.array([len(r) for r in rows], np.int64)
     chunk_start = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=chunk_start[1:])
-    cols: dict[str, list[Any]] = {k: [] for k in ("entry", "file", "byte_offset", "byte_length", "rank", "transform")}
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("entry", "file", "byte_offset", "byte_length", "rank", "transform")
+    }
     offs: list[np.ndarray] = []
     sizes: list[np.ndarray] = []
     nd: list[int] = []

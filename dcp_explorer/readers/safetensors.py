@@ -9,6 +9,7 @@ being the max of offset + shape.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -93,7 +94,9 @@ def parse_header(raw: bytes, file_size: int, where: str) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as e:
         raise SafetensorsHeaderError(f"header is not valid JSON ({e})", path=where) from e
     if not isinstance(header, dict):
-        raise SafetensorsHeaderError(f"header is a JSON {type(header).__name__}, expected an object", path=where)
+        raise SafetensorsHeaderError(
+            f"header is a JSON {type(header).__name__}, expected an object", path=where
+        )
     data_len = file_size - 8 - len(raw)
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
@@ -143,7 +146,7 @@ def parse_header(raw: bytes, file_size: int, where: str) -> dict[str, Any]:
     # two tensors may not share bytes (safetensors itself refuses it)
     spans = sorted((e["data_offsets"][0], e["data_offsets"][1], k) for k, e in header.items()
                    if k != "__metadata__" and e["data_offsets"][1] > e["data_offsets"][0])  # fmt: skip
-    for (_, end0, k0), (begin1, _, k1) in zip(spans, spans[1:]):
+    for (_, end0, k0), (begin1, _, k1) in itertools.pairwise(spans):
         if begin1 < end0:
             raise SafetensorsHeaderError(
                 f"tensors {k0!r} and {k1!r} overlap: {k1!r} starts at data offset {begin1}, before {k0!r} "
@@ -233,7 +236,11 @@ def find_quant_orphans(
     """
     pos = {f: i for i, f in enumerate(fqns)}
     paired = {i for i in pairs} | {pos[q["partner"]] for q in pairs.values() if q["partner"] in pos}
-    why = "there is no model.safetensors.index.json" if not weight_map else f"{INDEX}'s weight_map does not list both"
+    why = (
+        "there is no model.safetensors.index.json"
+        if not weight_map
+        else f"{INDEX}'s weight_map does not list both"
+    )
     out: list[dict[str, Any]] = []
 
     def add(i: int, fmt: str, partner: str, code: str, message: str) -> None:
@@ -270,8 +277,13 @@ def find_quant_orphans(
                     "packed uint8 blocks, not values")  # fmt: skip
             else:
                 listed = " (the index lists it, but no file holds it)" if partner in weight_map else ""
-                add(i, "mxfp4", partner, "missing_partner",
-                    f"MXFP4 blocks without their scales {partner}{listed}: they cannot be dequantized")
+                add(
+                    i,
+                    "mxfp4",
+                    partner,
+                    "missing_partner",
+                    f"MXFP4 blocks without their scales {partner}{listed}: they cannot be dequantized",
+                )
         elif name.endswith("_scales") and dt == "uint8":
             b = name[: -len("_scales")] + "_blocks"
             if b not in pos:
@@ -283,19 +295,21 @@ def _fp8_block(w: tuple[int, ...], s: tuple[int, ...]) -> tuple[int, ...] | None
     """Block size (per dim) that maps weight shape ``w`` onto scale shape ``s``; None if none fits."""
     if len(w) != len(s):
         return None
-    if all(-(-wd // 128) == sd for wd, sd in zip(w, s)):
+    if all(-(-wd // 128) == sd for wd, sd in zip(w, s, strict=True)):
         return (128,) * len(w)
     # the scale's shape alone is ambiguous (ceil(200/b) == 4 for b in 50..66): prefer powers of two near
     # 128, the same for every dim if one fits them all (64x64 blocks), then the smallest size that fits
     pows = sorted((1 << k for k in range(21)), key=lambda b: abs(b.bit_length() - 8))
-    common = [b for b in pows if all(sd > 0 and -(-wd // b) == sd for wd, sd in zip(w, s))]
+    common = [b for b in pows if all(sd > 0 and -(-wd // b) == sd for wd, sd in zip(w, s, strict=True))]
     if common:
         return (common[0],) * len(w)
-    per_dim = [next((b for b in pows if sd > 0 and -(-wd // b) == sd), None) for wd, sd in zip(w, s)]
+    per_dim = [
+        next((b for b in pows if sd > 0 and -(-wd // b) == sd), None) for wd, sd in zip(w, s, strict=True)
+    ]
     if all(b is not None for b in per_dim):
         return tuple(per_dim)  # type: ignore[arg-type]
     out = []
-    for wd, sd in zip(w, s):
+    for wd, sd in zip(w, s, strict=True):
         if sd <= 0:
             return None
         b = -(-wd // sd)
@@ -309,7 +323,9 @@ class SafetensorsReader(BackendEntrypoint):
     """One ``.safetensors`` file, a Hugging Face sharded checkpoint, or DCP's HF shards."""
 
     name = "safetensors"
-    looks_for = "'*.safetensors' files (Hugging Face safetensors, optionally with model.safetensors.index.json)"
+    looks_for = (
+        "'*.safetensors' files (Hugging Face safetensors, optionally with model.safetensors.index.json)"
+    )
 
     def guess_can_open(self, store: Store) -> bool:
         if store.selected is not None:
@@ -352,7 +368,9 @@ class SafetensorsReader(BackendEntrypoint):
                     if (
                         not isinstance(offs, list)
                         or len(offs) != len(shape)
-                        or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o < _BIG for o in offs)
+                        or not all(
+                            isinstance(o, int) and not isinstance(o, bool) and 0 <= o < _BIG for o in offs
+                        )
                     ):
                         raise MetadataError(
                             f"{SHARDING_KEY} gives tensor {key!r} saved_offsets {offs!r}, expected "
@@ -367,7 +385,7 @@ class SafetensorsReader(BackendEntrypoint):
                 if key not in order:
                     order[key] = len(order)
                     dtypes.append(dt)
-                    shapes.append([s + o for s, o in zip(shape, offset)])
+                    shapes.append([s + o for s, o in zip(shape, offset, strict=True)])
                     chunk_rows.append([])
                 else:
                     i = order[key]
@@ -377,7 +395,7 @@ class SafetensorsReader(BackendEntrypoint):
                             f"{len(shapes[i])} dims in another file",
                             path=where,
                         )
-                    shapes[i] = [max(a, s + o) for a, s, o in zip(shapes[i], shape, offset)]
+                    shapes[i] = [max(a, s + o) for a, s, o in zip(shapes[i], shape, offset, strict=True)]
                 chunk_rows[order[key]].append((fi, rank, offset, shape, data_start + b, e - b))
         fqns = tuple(order)
         n = len(fqns)
@@ -433,8 +451,12 @@ class SafetensorsReader(BackendEntrypoint):
             chunks=chunks,
             files=tuple(files),
             quant=quant,
-            attrs={"file_metadata": file_meta, "weight_map": weight_map, "index_file": INDEX if weight_map else None,
-                   "quant_orphans": orphans},  # fmt: skip
+            attrs={
+                "file_metadata": file_meta,
+                "weight_map": weight_map,
+                "index_file": INDEX if weight_map else None,
+                "quant_orphans": orphans,
+            },  # fmt: skip
             warnings=tuple(warnings),
         )
 
@@ -451,8 +473,12 @@ class SafetensorsReader(BackendEntrypoint):
         except (UnicodeDecodeError, ValueError) as e:
             raise IndexFileError(f"not valid JSON ({e})", path=where) from e
         wm = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
-            raise IndexFileError("expected an object with a 'weight_map' of tensor name -> file name", path=where)
+        if not isinstance(wm, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+        ):
+            raise IndexFileError(
+                "expected an object with a 'weight_map' of tensor name -> file name", path=where
+            )
         for fname in dict.fromkeys(wm.values()):
             if "/" in fname or "\\" in fname or fname in ("", ".", ".."):
                 raise IndexFileError(

@@ -92,7 +92,11 @@ class CheckpointBrowser:
         opts = []
         for f in shown:
             r = self._info[f]
-            desc = f"{f}   [{'x'.join(map(str, r.shape)) or 'scalar'} {r.dtype}]" if r.kind == "tensor" else f"{f}   [bytes]"
+            desc = (
+                f"{f}   [{'x'.join(map(str, r.shape)) or 'scalar'} {r.dtype}]"
+                if r.kind == "tensor"
+                else f"{f}   [bytes]"
+            )
             opts.append((desc, f))
         keep = self.tensor.value if self.tensor.value in shown else None
         self.tensor.options = opts
@@ -119,7 +123,11 @@ class CheckpointBrowser:
         if r.kind == "bytes":
             e = self.ckpt.index.entry_index(fqn)
             loc = self.ckpt.index.bytes_items.get(e)
-            where = "" if loc is None else f"<br>stored in {html.escape(self.ckpt.index.files[loc[0]])} at bytes [{loc[1]:,}, {loc[1] + loc[2]:,})"
+            where = (
+                ""
+                if loc is None
+                else f"<br>stored in {html.escape(self.ckpt.index.files[loc[0]])} at bytes [{loc[1]:,}, {loc[1] + loc[2]:,})"
+            )
             self.details.value = head + where
             set_png(self.chunk_map, None)
             return

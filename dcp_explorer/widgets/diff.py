@@ -68,15 +68,23 @@ def _plot_block_map(m: np.ndarray, *, fqn: str, stat: str, tile: Any, ax: Any) -
     pos = g2[~zero & ~inf]
     lo, hi = (float(pos.min()), float(pos.max())) if pos.size else (1.0, 1.0)
     # a log scale only when the differences span orders of magnitude; else 0..max reads better
-    norm: Any = LogNorm(vmin=lo, vmax=hi) if stat != "count" and hi >= 100 * lo else Normalize(vmin=0, vmax=hi)
+    norm: Any = (
+        LogNorm(vmin=lo, vmax=hi) if stat != "count" and hi >= 100 * lo else Normalize(vmin=0, vmax=hi)
+    )
     # identical tiles (0) are "bad" on a log scale: grey; non-finite ones are painted red on top
     cm = mpl.colormaps["viridis"].with_extremes(bad=IDENTICAL_COLOR)
     shown = np.ma.masked_array(np.where(inf, np.nan, g2), mask=zero | inf)
     im = ax.imshow(shown, cmap=cm, norm=norm, aspect="auto", interpolation="nearest")
     if inf.any():
         red = np.ma.masked_array(np.ones_like(g2), mask=~inf)
-        ax.imshow(red, cmap=mpl.colors.ListedColormap([NONFINITE_COLOR]), aspect="auto", interpolation="nearest")
-    label = {"max": "max |a - b| per tile", "mean": "mean |a - b| per tile", "count": "elements not identical"}[stat]
+        ax.imshow(
+            red, cmap=mpl.colors.ListedColormap([NONFINITE_COLOR]), aspect="auto", interpolation="nearest"
+        )
+    label = {
+        "max": "max |a - b| per tile",
+        "mean": "mean |a - b| per tile",
+        "count": "elements not identical",
+    }[stat]
     ax.figure.colorbar(im, ax=ax, label=label)
     ax.set_xlabel(f"tile along the last dim ({tile[-1] if isinstance(tile, tuple) else tile} elements)")
     ax.set_ylabel("tile row" + (" (leading dims flattened)" if g.ndim > 2 else ""))
@@ -174,7 +182,9 @@ class DiffViewer:
     def _summary_html(self) -> str:
         s = self.diff.summary()
         d = self.diff
-        verdict = ("<b style='color:#2a7a2a'>EQUAL</b>" if s["equal"] else "<b style='color:#b00020'>DIFFERENT</b>")
+        verdict = (
+            "<b style='color:#2a7a2a'>EQUAL</b>" if s["equal"] else "<b style='color:#b00020'>DIFFERENT</b>"
+        )
         if d.errors:
             verdict = "<b style='color:#b00020'>ERROR</b>"
         st = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in s["status"].items())
@@ -235,7 +245,9 @@ class DiffViewer:
         r = self._rows[fqn]
         row = self._table[self._table["fqn"] == fqn].iloc[0]
         pairs = [(c, row[c]) for c in self._table.columns if c != "fqn"]
-        body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(_plain(v)))}</td></tr>" for k, v in pairs)
+        body = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(_plain(v)))}</td></tr>" for k, v in pairs
+        )
         note = ""
         if not self._mappable(fqn):
             note = (f"<div><i>no block map: {html.escape(r.status.replace('_', ' '))}"

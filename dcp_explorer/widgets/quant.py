@@ -144,7 +144,9 @@ class QuantViewer:
         first = fqn if fqn is not None else (opts[0][1] if opts else None)
         if first is not None and first not in self._rows:
             raise KeyError(f"{first!r} is not a quantized tensor of {ckpt.path} (see ckpt.quant)")
-        self.tensor = w.Dropdown(options=opts, value=first, description="tensor", layout=w.Layout(width="640px"))
+        self.tensor = w.Dropdown(
+            options=opts, value=first, description="tensor", layout=w.Layout(width="640px")
+        )
         self.slices = w.Text(value="", description="slices", continuous_update=False,
                              placeholder="all blocks; e.g. 0 (first expert) or 0:256, :",
                              tooltip="only the blocks this slice of the dequantized tensor touches")  # fmt: skip
@@ -296,10 +298,12 @@ class QuantViewer:
             note = f"<div><small>weights not scanned ({why}): scales only</small></div>"
         if not codes:
             what = "scales and weights" if scanned else "scales"
-            self.problems.value = f"<span style='color:#2a7a2a'>no problems found ({what} checked)</span>{note}"
+            self.problems.value = (
+                f"<span style='color:#2a7a2a'>no problems found ({what} checked)</span>{note}"
+            )
             return
         items = []
-        for c, m in zip(codes, msgs):
+        for c, m in zip(codes, msgs, strict=True):
             sev = PROBLEM_CODES.get(c, ("error", ""))[0]
             color = "#b00020" if sev == "error" else "#a15c00"
             items.append(f"<li><b style='color:{color}'>{html.escape(sev)}</b> <code>{html.escape(c)}</code>: "
@@ -315,7 +319,7 @@ class QuantViewer:
     def _stats_html(self, st: Any, *, ref_missing: bool) -> str:
         nblocks = int(np.prod(st.grid_shape))
         (a, b) = st.region
-        region = ", ".join(f"{x}:{y}" for x, y in zip(a, b))
+        region = ", ".join(f"{x}:{y}" for x, y in zip(a, b, strict=True))
         pairs: list[tuple[str, Any]] = [("region", f"[{region}]"), ("blocks", nblocks),
                                         ("block size", "x".join(map(str, st.block_size)))]  # fmt: skip
         if st.absmax is not None:

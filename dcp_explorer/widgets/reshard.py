@@ -57,7 +57,7 @@ class ReshardExplorer:
         self.world_size = w.IntSlider(value=m.shape[0], min=1, max=max(1024, m.shape[0]), description=m.names[0],
                                       continuous_update=False, layout=w.Layout(width="420px"))  # fmt: skip
         big = ckpt.tensors[ckpt.tensors.kind == "tensor"].sort_values("nbytes", ascending=False)
-        names = [f for f, s in zip(big["fqn"], big["shape"]) if len(s) >= 1][:300]
+        names = [f for f, s in zip(big["fqn"], big["shape"], strict=True) if len(s) >= 1][:300]
         self.tensor = w.Dropdown(options=names, value=names[0] if names else None, description="tensor",
                                  layout=w.Layout(width="520px"))  # fmt: skip
         self.totals = w.HTML()
@@ -66,7 +66,9 @@ class ReshardExplorer:
         self.overlay = w.Image(format="png")
         self.problems = w.HTML()
         self.per_rank = w.HTML()
-        self.tabs = w.Tab(children=[self.rank_bytes, self.traffic, self.overlay, self.problems, self.per_rank])
+        self.tabs = w.Tab(
+            children=[self.rank_bytes, self.traffic, self.overlay, self.problems, self.per_rank]
+        )
         for i, t in enumerate(TABS):
             self.tabs.set_title(i, t)
         g = guarded(self.error)
@@ -159,7 +161,9 @@ class ReshardExplorer:
             self.traffic.value = figure_png(viz.plot_traffic(p, ax=new_axes((6, 4.5))).figure)
         elif tab == "overlay":
             if self.tensor.value:
-                self.overlay.value = figure_png(viz.plot_reshard_overlay(p, self.tensor.value, ax=new_axes((7, 4))).figure)
+                self.overlay.value = figure_png(
+                    viz.plot_reshard_overlay(p, self.tensor.value, ax=new_axes((7, 4))).figure
+                )
         elif tab == "problems":
             rows = [x for x in p.problems]
             if not rows:
