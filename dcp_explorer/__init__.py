@@ -1,8 +1,10 @@
 """dcp_explorer: look inside PyTorch distributed checkpoints and safetensors checkpoints.
 
 >>> import dcp_explorer as dx
->>> ckpt = dx.open("path/to/checkpoint")          # doctest: +SKIP
->>> ckpt.tensors, ckpt.chunks, ckpt.files          # doctest: +SKIP
+>>> from dcp_explorer.samples import sample_path
+>>> ckpt = dx.open(sample_path("llama_fsdp_tp_2x2"))  # a DCP directory, safetensors file/dir or URL
+>>> len(ckpt.tensors), len(ckpt.chunks), len(ckpt.files)  # pandas tables
+(96, 243, 4)
 
 Importing this package imports neither torch nor any plotting or widget library.
 """
@@ -101,8 +103,13 @@ def open(  # noqa: A001 - the public verb, like xarray.open_dataset
 
     Examples
     --------
-    >>> ckpt = dcp_explorer.open("/checkpoints/step-1000")      # doctest: +SKIP
-    >>> ckpt.tensors.sort_values("nbytes").tail()               # doctest: +SKIP
+    >>> import dcp_explorer
+    >>> from dcp_explorer.samples import sample_path
+    >>> ckpt = dcp_explorer.open(sample_path("llama_fsdp_ws4"))
+    >>> ckpt.format, ckpt.summary()["saving_ranks"]
+    ('dcp', 4)
+    >>> int(ckpt.tensors.query("kind == 'tensor'").nbytes.max())
+    72288
     """
     from .checkpoint import open_checkpoint
 
@@ -118,8 +125,11 @@ def simulate_load(ckpt: Any, mesh: Any = 1, placements: Any = None, **kwargs: An
 
     Examples
     --------
-    >>> plan = dcp_explorer.simulate_load("/ckpt", "dp=96,tp=8", preset="fsdp_tp")   # doctest: +SKIP
-    >>> plan.per_rank.bytes_read.sum(), plan.problems                                # doctest: +SKIP
+    >>> import dcp_explorer
+    >>> from dcp_explorer.samples import sample_path
+    >>> plan = dcp_explorer.simulate_load(sample_path("llama_fsdp_ws4"), "dp_shard=2,tp=2", preset="fsdp_tp")
+    >>> plan.ok, plan.world_size, plan.problems
+    (True, 4, ())
     """
     from .plan import simulate_load as _simulate
 
@@ -137,8 +147,11 @@ def diff(a: Any, b: Any, **kwargs: Any) -> CheckpointDiff:
 
     Examples
     --------
-    >>> d = dcp_explorer.diff("/ckpt/step-1000", "/ckpt/step-2000", atol=1e-6)   # doctest: +SKIP
-    >>> d.equal, d.table.query("status == 'different'")                          # doctest: +SKIP
+    >>> import dcp_explorer
+    >>> from dcp_explorer.samples import sample_path
+    >>> d = dcp_explorer.diff(sample_path("llama_fsdp_ws4"), sample_path("llama_fsdp_ws2"), progress=False)
+    >>> d.equal, d.summary()["changes"]  # the same values, saved on 4 and on 2 ranks
+    (True, {'layout': 77})
     """
     from .diff import diff as _diff
 

@@ -125,7 +125,9 @@ def load_cached(key: str) -> CheckpointIndex | None:
             files=tuple(meta["files"]),
             transforms=tuple(meta["transforms"]),
             bytes_items={int(k): (int(a), int(b), int(c), int(t)) for k, a, b, c, t in meta["bytes_items"]},
-            bytes_copies=tuple(tuple(int(x) for x in c) for c in meta["bytes_copies"]),
+            bytes_copies=tuple(
+                (int(e), int(f), int(o), int(n), int(t)) for e, f, o, n, t in meta["bytes_copies"]
+            ),
             quant=quant,
             planner_data={k: _tuplify(v) for k, v in meta["planner_data"]},
             attrs=meta["attrs"],

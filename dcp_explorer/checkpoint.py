@@ -7,7 +7,7 @@ import math
 import os
 import posixpath
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +85,7 @@ class Checkpoint:
             return False
         return True
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[str]:
         return iter(self.index.fqns)
 
     def __getitem__(self, fqn: str) -> TensorInfo:
@@ -161,8 +161,17 @@ class Checkpoint:
 
         Examples
         --------
-        >>> w = ckpt.load("model.layers.0.attention.wq.weight", slices="0:4, :")   # doctest: +SKIP
-        >>> ckpt.load("model.layers.0.*")                                          # doctest: +SKIP
+        >>> import dcp_explorer
+        >>> from dcp_explorer.samples import sample_path
+        >>> ckpt = dcp_explorer.open(sample_path("llama_fsdp_ws4"))
+        >>> w = ckpt.load("model.layers.0.attention.wq.weight", slices="0:4, :")  # reads only what the rows need
+        >>> w.shape, w.dtype
+        (torch.Size([4, 72]), torch.float32)
+        >>> layer0 = ckpt.load("model.layers.0.*", progress=False)  # a glob: fqn -> tensor
+        >>> len(layer0), tuple(layer0["model.layers.0.feed_forward.w1.weight"].shape)
+        (9, (190, 72))
+        >>> ckpt.load("optim.param_groups.0.betas")  # a bytes entry, via an allow-list unpickler
+        (0.9, 0.999)
         """
         from .load import load
 
@@ -350,9 +359,9 @@ def _layout_problems(index: CheckpointIndex, where: str) -> list[str]:
             lo, hi = c.offsets[idx], c.offsets[idx] + c.sizes[idx]
             split = np.flatnonzero(~((lo == 0) & (hi == shape_mat[e, :k])).all(0))
             if len(split) == 1:  # slabs along one dim (FSDP): sorted, each must start after the last ends
-                d = int(split[0])
-                order = np.argsort(lo[:, d], kind="stable")
-                sl, sh = lo[order, d], hi[order, d]
+                dim = int(split[0])
+                order = np.argsort(lo[:, dim], kind="stable")
+                sl, sh = lo[order, dim], hi[order, dim]
                 sl, sh = sl[sh > sl], sh[sh > sl]
                 if (sl[1:] >= sh[:-1]).all():
                     got = int(vol[a:b].sum())

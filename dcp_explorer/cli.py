@@ -10,7 +10,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from .errors import DcpExplorerError
 
@@ -98,38 +98,18 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         worst = pr.sort_values("bytes_read", ascending=False).head(a.top)
         print(f"  busiest ranks (of {len(pr)}):")
         for r in worst.itertuples(index=False):
+            # cast: pandas-stubs type a row's fields as any scalar; bytes_read is an int64 column
             print(f"    rank {r.rank:>5} {str(r.coordinate):<12} {r.read_items:>8,} items  "
-                  f"{_fmt_bytes(r.bytes_read):>10} read  x{r.amplification:.2f}  {r.files_opened} files")  # fmt: skip
+                  f"{_fmt_bytes(cast(int, r.bytes_read)):>10} read  x{r.amplification:.2f}  {r.files_opened} files")  # fmt: skip
         for p in plan.problems:
             if p.severity != "info":
                 print(f"  {p.severity}: {p.fqn}: {p.reason}")
     return 0 if plan.ok else 1
 
 
-def tensor_stats(t: Any) -> dict[str, Any]:
-    """shape, dtype, min/max/mean/std and NaN/Inf counts of a tensor (computed in float64)."""
-    import torch
-
-    out: dict[str, Any] = {
-        "shape": list(t.shape),
-        "dtype": str(t.dtype).removeprefix("torch."),
-        "numel": t.numel(),
-    }
-    if t.numel() == 0:
-        return out
-    x = t.to(torch.float64) if not t.is_complex() else t.abs().to(torch.float64)
-    finite = torch.isfinite(x)
-    out["nan"] = int(torch.isnan(x).sum())
-    out["inf"] = int(torch.isinf(x).sum())
-    f = x[finite]
-    if f.numel():
-        out.update(min=float(f.min()), max=float(f.max()), mean=float(f.mean()),
-                   std=float(f.std()) if f.numel() > 1 else 0.0)  # fmt: skip
-    return out
-
-
 def _cmd_load(a: argparse.Namespace) -> int:
     from . import open as dx_open
+    from .load import tensor_stats
 
     ckpt = dx_open(a.path)
     e = ckpt.index.entry_index(ckpt.tensor(a.fqn).fqn)

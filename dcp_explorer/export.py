@@ -190,7 +190,7 @@ def export(
     if pbar is not None:
         pbar.close()
     if nfiles > 1:
-        with open(out / INDEX, "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(out / INDEX, "w") as fi:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fi, indent=2)
         files.append(out / INDEX)
     return files

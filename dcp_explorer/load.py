@@ -39,6 +39,7 @@ __all__ = [
     "RAW_NUMPY",
     "DEFAULT_MAX_LOAD_BYTES",
     "max_load_bytes",
+    "tensor_stats",
 ]
 
 #: Largest decompressed bytes entry (a ``torch.save`` of plain containers) decoded without ``trusted=True``.
@@ -121,7 +122,7 @@ def parse_slices(spec: Any, shape: Sequence[int]) -> tuple[list[int], list[int],
     if spec is None:
         spec = ()
     if isinstance(spec, str):
-        parts = []
+        parts: list[object] = []  # ints, slices and Ellipsis
         for p in spec.split(","):
             p = p.strip()
             if p in ("...", "…"):
@@ -146,19 +147,27 @@ def parse_slices(spec: Any, shape: Sequence[int]) -> tuple[list[int], list[int],
     if len(spec) > nd:
         raise IndexError(f"{len(spec)} indices for a {nd}-d tensor of shape {tuple(shape)}")
     spec = spec + (slice(None),) * (nd - len(spec))
-    starts, stops, steps, squeeze = [], [], [], []
+    starts: list[int] = []
+    stops: list[int] = []
+    steps: list[int] = []
+    squeeze: list[int] = []
     for d, (s, n) in enumerate(zip(spec, shape, strict=True)):
         if isinstance(s, (int, np.integer)):
             i = int(s) + (n if s < 0 else 0)
             if not 0 <= i < n:
                 raise IndexError(f"index {s} is out of bounds for dim {d} of size {n}")
-            starts.append(i), stops.append(i + 1), steps.append(1), squeeze.append(d)
+            starts.append(i)
+            stops.append(i + 1)
+            steps.append(1)
+            squeeze.append(d)
         elif isinstance(s, slice):
             a, b, st = s.indices(n)
             if st <= 0:
                 raise ValueError("negative slice steps are not supported")
             b = max(a, b)
-            starts.append(a), stops.append(b), steps.append(st)
+            starts.append(a)
+            stops.append(b)
+            steps.append(st)
         else:
             raise TypeError(f"cannot index with {s!r}")
     return starts, stops, steps, squeeze
@@ -471,7 +480,8 @@ class Loader:
             # unusual layout: read the whole storage span once
             n = _span(ch.shape, ch.stride)
             buf = np.empty(n, raw)
-            src.readinto(ch.file_offset, memoryview(buf).cast("B"))
+            # (ndarray.data: the array's memoryview; numpy's stubs declare ndarray a Buffer only for 3.12+)
+            src.readinto(ch.file_offset, buf.data.cast("B"))
             arr = np.lib.stride_tricks.as_strided(buf, ch.shape, tuple(s * isz for s in ch.stride))
             np.copyto(dst, arr[src_sl])
             return
@@ -488,10 +498,10 @@ class Loader:
         base = ch.file_offset + sum(s.start * st for s, st in zip(src_sl, strides, strict=True)) * isz
         if nruns == 1:
             if dst.flags.c_contiguous:
-                src.readinto(base, memoryview(dst.reshape(-1).view(np.uint8)))
+                src.readinto(base, dst.reshape(-1).view(np.uint8).data)
             else:
                 tmp = np.empty(sub, raw)
-                src.readinto(base, memoryview(tmp.reshape(-1).view(np.uint8)))
+                src.readinto(base, tmp.reshape(-1).view(np.uint8).data)
                 np.copyto(dst, tmp)
             return
         run_starts = (
@@ -502,14 +512,14 @@ class Loader:
         if nruns > 64 and span <= 4 * needed:
             # many small runs close together: one read of the whole span, then a strided view
             buf = np.empty(span // isz, raw)
-            src.readinto(int(run_starts[0]), memoryview(buf).cast("B"))
+            src.readinto(int(run_starts[0]), buf.data.cast("B"))
             view = np.lib.stride_tricks.as_strided(buf, shape=sub, strides=tuple(st * isz for st in strides),
                                                    writeable=False)  # fmt: skip
             np.copyto(dst, view)
             return
         tmp = np.empty((nruns, run_elems), raw)
         for i, r in enumerate(run_starts.tolist()):
-            src.readinto(int(r), memoryview(tmp[i]).cast("B"))
+            src.readinto(int(r), tmp[i].data.cast("B"))
         np.copyto(dst, tmp.reshape(sub))
 
     # -- public -----------------------------------------------------------------------------
@@ -677,3 +687,28 @@ def load(
             sl = slices.get(n) if isinstance(slices, Mapping) else slices
             results[n] = loader.load_tensor(n, sl, dtype=dtype, dequantize=dequantize)
     return results[names[0]] if single else results
+
+
+def tensor_stats(t: Any) -> dict[str, Any]:
+    """shape, dtype, min/max/mean/std and NaN/Inf counts of a loaded tensor (computed in float64).
+
+    Used by ``dcp-explorer load`` and the :class:`~dcp_explorer.widgets.CheckpointBrowser` preview.
+    """
+    import torch
+
+    out: dict[str, Any] = {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "numel": t.numel(),
+    }
+    if t.numel() == 0:
+        return out
+    x = t.to(torch.float64) if not t.is_complex() else t.abs().to(torch.float64)
+    finite = torch.isfinite(x)
+    out["nan"] = int(torch.isnan(x).sum())
+    out["inf"] = int(torch.isinf(x).sum())
+    f = x[finite]
+    if f.numel():
+        out.update(min=float(f.min()), max=float(f.max()), mean=float(f.mean()),
+                   std=float(f.std()) if f.numel() > 1 else 0.0)  # fmt: skip
+    return out

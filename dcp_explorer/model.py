@@ -228,7 +228,7 @@ class CheckpointIndex:
 
     def entry_index(self, fqn: str) -> int:
         """Index of ``fqn`` among the entries; ``KeyError`` when absent."""
-        lookup = self.__dict__.get("_lookup")
+        lookup: dict[str, int] | None = self.__dict__.get("_lookup")
         if lookup is None:
             lookup = {f: i for i, f in enumerate(self.fqns)}
             object.__setattr__(self, "_lookup", lookup)

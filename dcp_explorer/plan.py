@@ -607,9 +607,12 @@ class LoadPlan:
     def _item_read_bytes(self, rows: np.ndarray) -> np.ndarray:
         """Bytes the storage reader reads for a ReadItem of saved chunk row(s) ``rows``."""
         c = self.index.chunks
-        if self.storage == "whole_item":
-            return np.maximum(c.byte_length[rows], 0)
-        return self._chunk_nbytes[rows]  # partial reads: estimated by needed bytes below
+        # partial reads: estimated by needed bytes below. (An annotated local: numpy's stubs type
+        # fancy indexing of an ndarray of unknown dtype as Any.)
+        out: np.ndarray = (
+            np.maximum(c.byte_length[rows], 0) if self.storage == "whole_item" else self._chunk_nbytes[rows]
+        )
+        return out
 
     # -- summaries ------------------------------------------------------------------------
     def _group_reads(self) -> Iterable[tuple[ReadItemsPattern, np.ndarray, tuple[Any, ...]]]:
@@ -632,9 +635,11 @@ class LoadPlan:
     def _read_bytes(self, p: ReadItemsPattern, st: tuple[Any, ...]) -> np.ndarray:
         """float64 [U, P]: bytes read by each read of the pattern, per storage signature of the group."""
         _isz_sum, _kfile_u, _krank_u, wsum, isz_u = st
-        if self.storage == "whole_item":
-            return wsum[:, p.chunk]
-        return isz_u[:, None] * p.numel[None, :]
+        # (an annotated local: st's arrays are typed Any)
+        out: np.ndarray = (
+            wsum[:, p.chunk] if self.storage == "whole_item" else isz_u[:, None] * p.numel[None, :]
+        )
+        return out
 
     def _bytes_reads(self) -> Iterable[tuple[int, int]]:
         """(file index, byte length) of each bytes item the plan loads (every rank reads it whole)."""
@@ -700,7 +705,7 @@ class LoadPlan:
         c = self.index.chunks
         memo = _index_memo(self.index)
         nsave = int(c.rank.max(initial=-1)) + 2
-        traffic = np.zeros(nsave * R, np.float64)
+        traffic: np.ndarray = np.zeros(nsave * R, np.float64)  # flat, then [nsave, R]
         for p, _ents, st in self._group_reads():
             w = self._read_bytes(p, st)
             saving = st[2][:, p.chunk].astype(np.int64) + 1
@@ -857,6 +862,8 @@ class LoadPlan:
         cols: dict[str, list[Any]] = {k: [] for k in (
             "rank", "fqn", "type", "dest_offset", "dest_offsets", "storage_offset", "storage_chunk",
             "storage_offsets", "lengths", "file", "byte_offset", "byte_length", "bytes_needed")}  # fmt: skip
+        vals: tuple[Any, ...]  # one row, in the order of cols
+        v: Any
         for r in rs:
             if not 0 <= r < self.world_size:
                 raise ValueError(f"rank {r} is not in the target mesh of {self.world_size} ranks")

@@ -207,7 +207,7 @@ class Store:
         """What identifies the current content of ``name``: (size, mtime or etag); the stamp is None when unknown."""
         info = self.info.get(name) or {}
         keys = ("mtime", "LastModified", "last_modified", "ETag", "etag", "generation", "updated", "created")
-        stamp = next((info[k] for k in keys if info.get(k)), None)
+        stamp: Any = next((info[k] for k in keys if info.get(k)), None)
         if hasattr(stamp, "isoformat"):
             stamp = stamp.isoformat()
         return (self.size(name), None if stamp is None else str(stamp))
@@ -252,13 +252,13 @@ def open_store(path: str | os.PathLike[str], storage_options: Mapping[str, Any] 
     listing: dict[str, int] = {}
     info: dict[str, Mapping[str, Any]] = {}
     subdirs: list[str] = []
-    for e in entries:
-        name = posixpath.basename(str(e["name"]).rstrip("/"))
-        if e.get("type") == "directory":
+    for entry in entries:
+        name = posixpath.basename(str(entry["name"]).rstrip("/"))
+        if entry.get("type") == "directory":
             subdirs.append(name)
         else:
-            listing[name] = int(e.get("size") or 0)
-            info[name] = e
+            listing[name] = int(entry.get("size") or 0)
+            info[name] = entry
     return Store(
         fs=fs, root=root, url=url, listing=listing, subdirs=tuple(subdirs), selected=selected, info=info
     )

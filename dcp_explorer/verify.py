@@ -31,12 +31,12 @@ import contextlib
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -66,7 +66,7 @@ Row = tuple[Any, ...]
 
 
 class VerifyError(RuntimeError):
-    """The worker processes could not run (crash, timeout, port clash); the message has their logs."""
+    """The worker processes could not run (crash, timeout); the message has their logs."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,6 +396,7 @@ def _verify_rank(
             failed = [r for r, ok in enumerate(ready) if not ok]
             res["error"] = f"skipped: rank(s) {failed} failed to build the state dict"
         return res
+    assert reader is not None  # this rank built everything: its own error is None
     try:
         dcp.load(sd, storage_reader=reader)
     except Exception:
@@ -472,8 +473,7 @@ def _worker_main(spec_path: str) -> int:
     rank, nproc = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out_dir = pathlib.Path(spec["out_dir"])
     timeout = timedelta(seconds=float(spec.get("pg_timeout", 120)))
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), nproc, rank == 0,
-                          timeout=timeout, wait_for_workers=True)  # fmt: skip
+    store = _connect_store(spec, rank, nproc, timeout)
     device, backend = "cpu", "gloo"  # local workers: CPU meshes, as the samples are written
     opened: dict[str, Any] = {}
     for i, sc in enumerate(spec["scenarios"]):
@@ -501,10 +501,40 @@ def _worker_main(spec_path: str) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _connect_store(spec: Mapping[str, Any], rank: int, nproc: int, timeout: Any) -> Any:
+    """The workers' shared ``TCPStore``, on a port no other process can take first.
+
+    Rank 0 starts the server on port 0 -- the OS picks a free port while binding it -- and
+    publishes the port in ``spec["port_file"]`` (written atomically); the other ranks wait for
+    that file, connect, and check the run's ``spec["token"]`` in the store. (A port picked by the
+    parent and bound by rank 0 only after its torch import could be taken in between -- by a
+    Jupyter kernel, a test server, another verify run -- which made loaded machines fail now and
+    then, or let a rank join another run's store.)
+    """
+    import torch.distributed as dist
+
+    port_file = pathlib.Path(spec["port_file"])
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if rank == 0:
+        store = dist.TCPStore(host, 0, nproc, True, timeout=timeout, wait_for_workers=False)
+        store.set("token", spec["token"])
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(store.port))
+        tmp.replace(port_file)
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not port_file.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not publish the store's port in {port_file} within {timeout}")
+        time.sleep(0.05)
+    port = int(port_file.read_text())
+    store = dist.TCPStore(host, port, nproc, False, timeout=timeout, wait_for_workers=False)
+    token = store.get("token").decode()
+    if token != spec["token"]:  # pragma: no cover - only if the port changed hands after publication
+        raise RuntimeError(
+            f"the store on port {port} belongs to another run ({token!r}, not {spec['token']!r})"
+        )
+    return store
 
 
 def _tail(path: pathlib.Path, lines: int = 40) -> str:
@@ -521,14 +551,16 @@ def _spawn(scenarios: Sequence[Scenario], nproc: int, timeout: float,
     spec = {
         "out_dir": str(tmp),
         "scenarios": [s.to_json() for s in scenarios],
-        "pg_timeout": max(30.0, timeout),
+        # below the parent's deadline: a stuck collective raises in the worker, naming what it waited for
+        "pg_timeout": max(30.0, 0.9 * timeout),
+        "port_file": str(tmp / "store_port"),  # rank 0 binds port 0 and writes the port here
+        "token": uuid.uuid4().hex,
     }
     spec_path = tmp / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    port = _free_port()
     env = dict(os.environ)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1")  # fmt: skip
+    env.pop("MASTER_PORT", None)  # the workers' store port comes from rank 0 (spec["port_file"])
+    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(nproc), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.setdefault("PYTHONWARNINGS", "ignore")
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -587,6 +619,9 @@ def verify_many(scenarios: Sequence[Scenario | Mapping[str, Any]], *, nproc: int
 
     Examples
     --------
+    Not run as doctests: each call starts gloo worker processes and takes ~25 s
+    (``tests/test_plan_real.py`` runs them on the samples).
+
     >>> reports = verify_many([Scenario("ckpt", "2", preset="fsdp"), Scenario("ckpt", "3")])  # doctest: +SKIP
     >>> all(r.ok for r in reports)  # doctest: +SKIP
     True
@@ -610,39 +645,36 @@ def verify_many(scenarios: Sequence[Scenario | Mapping[str, Any]], *, nproc: int
     nproc = need if nproc is None else int(nproc)
     if nproc < need:
         raise ValueError(f"nproc={nproc} is smaller than the largest mesh ({need} ranks)")
-    for attempt in range(3):
-        with tempfile.TemporaryDirectory(prefix="dcpx-verify-") as d:
-            tmp = pathlib.Path(d)
-            procs, logs = _spawn(scs, nproc, timeout, tmp)
-            try:
-                deadline = time.monotonic() + timeout
-                while any(p.poll() is None for p in procs):
-                    if any(p.poll() not in (None, 0) for p in procs):
-                        time.sleep(0.5)  # let the others write their logs
-                        break
-                    if time.monotonic() > deadline:
-                        _kill(procs)
-                        raise VerifyError(f"verification timed out after {timeout:.0f} s\n"
-                                          + "\n".join(_tail(lg) for lg in logs[:2]))  # fmt: skip
-                    time.sleep(0.05)
-            finally:
-                _kill(procs)
-            codes = [p.returncode for p in procs]
-            text = "\n".join(lg.read_text(errors="replace") for lg in logs if lg.exists()).lower()
-            if any(codes) and ("address already in use" in text or "eaddrinuse" in text) and attempt < 2:
-                continue
-            if any(codes):
-                raise VerifyError(f"worker(s) exited with codes {codes}\n" + "\n".join(
-                    _tail(lg) for r, lg in enumerate(logs) if codes[r]))  # fmt: skip
-            reports = []
-            for i, sc in enumerate(scs):
-                f = tmp / f"result_{i}.json"
-                if not f.exists():
-                    raise VerifyError(f"scenario {i} ({sc}) produced no result\n" + _tail(logs[0]))
-                payload = json.loads(f.read_text())
-                reports.append(_report(sc, payload["results"], float(payload["seconds"])))
-            return reports
-    raise VerifyError("could not find a free port for the workers")  # pragma: no cover
+    # one attempt: the workers' store binds a port of the OS's choosing (no port race to retry), so
+    # any failure is a real one and is reported with the workers' logs
+    with tempfile.TemporaryDirectory(prefix="dcpx-verify-") as d:
+        tmp = pathlib.Path(d)
+        procs, logs = _spawn(scs, nproc, timeout, tmp)
+        try:
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p in procs):
+                if any(p.poll() not in (None, 0) for p in procs):
+                    time.sleep(0.5)  # let the others write their logs
+                    break
+                if time.monotonic() > deadline:
+                    _kill(procs)
+                    raise VerifyError(f"verification timed out after {timeout:.0f} s\n"
+                                      + "\n".join(_tail(lg) for lg in logs))  # fmt: skip
+                time.sleep(0.05)
+        finally:
+            _kill(procs)
+        codes = [p.returncode for p in procs]
+        if any(codes):
+            raise VerifyError(f"worker(s) exited with codes {codes}\n" + "\n".join(
+                _tail(lg) for r, lg in enumerate(logs) if codes[r]))  # fmt: skip
+        reports = []
+        for i, sc in enumerate(scs):
+            f = tmp / f"result_{i}.json"
+            if not f.exists():
+                raise VerifyError(f"scenario {i} ({sc}) produced no result\n" + _tail(logs[0]))
+            payload = json.loads(f.read_text())
+            reports.append(_report(sc, payload["results"], float(payload["seconds"])))
+        return reports
 
 
 def verify_load(ckpt_path: str | os.PathLike[str], mesh: Any, placements: Any = None, preset: str | None = None,
@@ -673,6 +705,9 @@ def verify_load(ckpt_path: str | os.PathLike[str], mesh: Any, placements: Any = 
 
     Examples
     --------
+    Not run as a doctest: it starts a gloo worker process per rank and takes ~25 s
+    (``tests/test_plan_real.py`` runs it on the samples).
+
     >>> rep = verify_load("ckpt", "dp=2,tp=2", preset="fsdp_tp")  # doctest: +SKIP
     >>> rep.ok, rep.recorded  # doctest: +SKIP
     (True, (172, 172, 172, 172))

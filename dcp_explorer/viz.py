@@ -171,20 +171,20 @@ def plot_reshard_overlay(
     from matplotlib import colormaps
     from matplotlib.patches import Rectangle
 
-    ckpt = type("C", (), {"index": plan.index})()
-    ax = plot_chunk_map(ckpt, fqn, ax=ax, labels=False)  # type: ignore[arg-type]
+    ckpt = type("C", (), {"index": plan.index})()  # a stand-in: the two functions below use only .index
+    ax = plot_chunk_map(ckpt, fqn, ax=ax, labels=False)
     gid = next((g for f, _e, g in plan._order if f == fqn and g is not None), None)
     if gid is None:
         ax.set_title(ax.get_title() + "  (not a tensor of this plan)", fontsize=9)
         return ax
     p = plan._groups[gid].pattern
-    shape = chunk_rectangles(ckpt, fqn)["shape"]  # type: ignore[arg-type]
+    shape = chunk_rectangles(ckpt, fqn)["shape"]
     R = len(p.local_offsets)
     if ranks is None:
         ranks = list(range(R)) if R <= 64 else sorted(set(np.linspace(0, R - 1, 16).astype(int).tolist()))
     lo, ls, _ = _fold(p.local_offsets[list(ranks)], p.local_sizes[list(ranks)], shape)
     cm = colormaps["tab10"]
-    rows, cols = chunk_rectangles(ckpt, fqn)["grid"]  # type: ignore[arg-type]
+    rows, cols = chunk_rectangles(ckpt, fqn)["grid"]
     inset_y, inset_x = rows * 0.006, cols * 0.006
     for i, (r, (y, x), (h, w)) in enumerate(zip(ranks, lo, ls, strict=True)):
         if h == 0 or w == 0:

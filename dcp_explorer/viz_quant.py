@@ -6,9 +6,17 @@ Every function draws on ``ax`` (a new figure's axes when None), returns the ``Ax
 :class:`~dcp_explorer.checkpoint.Checkpoint` and the tensor's name, in which case it computes what
 it needs (scales only for :func:`plot_quant_scales`).
 
->>> from dcp_explorer.quant import block_stats                                   # doctest: +SKIP
->>> st = block_stats(ckpt, "model.layers.0.mlp.down_proj.weight", reference=bf16_ckpt)  # doctest: +SKIP
->>> plot_quant_scales(st); plot_quant_error(st)                                   # doctest: +SKIP
+>>> import dcp_explorer
+>>> from dcp_explorer.quant import block_stats
+>>> from dcp_explorer.samples import sample_path
+>>> ckpt = dcp_explorer.open(sample_path("fp8_block"))
+>>> st = block_stats(ckpt, "model.layers.0.mlp.down_proj.weight")  # reference=the bf16 original, if any
+>>> st.grid_shape
+(2, 2)
+>>> ax = plot_quant_scales(st)
+>>> ax = plot_quant_dynamic_range(st)
+>>> ax.get_title().splitlines()
+['per-block dynamic range', 'model.layers.0.mlp.down_proj.weight']
 
 Heatmaps show the block grid: FP8 ``[row blocks, column blocks]``; MXFP4 rows are the leading
 dims flattened (expert x row), columns the groups of 32 values. Blocks whose value cannot be
@@ -97,6 +105,10 @@ def _heatmap(ax: Axes, st: BlockStats, grid: np.ndarray, *, log: bool, label: st
         norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
     cm = mpl.colormaps[cmap].with_extremes(bad=BAD_COLOR)
     im = ax.imshow(shown, cmap=cm, norm=norm, aspect="auto", interpolation="nearest", extent=_extent(st, g2))
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):  # block numbers: whole ticks at block centres, never 0.25
+        axis.set_major_locator(MaxNLocator(integer=True))
     ax.figure.colorbar(im, ax=ax, label=label)
     _grid_labels(ax, st)
     nbad = int(bad.sum())

@@ -40,6 +40,9 @@ CAST = "model.output.weight"
 BYTES = "optim.param_groups.0.lr"
 EDITED_ROW = 7
 BF16_RTOL = 2.0**-8  # bf16 keeps 8 significant bits: round-to-nearest errs by at most 2**-9 relative
+# float32/bf16/fp16/fp8 pairs are compared in float32 (dcp_explorer.diff._Stats): rel_l2, cosine and
+# mean_abs_diff agree with float64 to ~1e-7 relative, checked to this; the rest is exact
+F32_REL = 1e-6
 
 
 @pytest.fixture(autouse=True)
@@ -135,16 +138,16 @@ def test_statistics_match_torch(edited_diff, base_sd, edited):
         d = (a - b).abs()
         assert r.numel == a.numel()
         assert r.max_abs_diff == float(d.max())
-        assert r.mean_abs_diff == pytest.approx(float(d.mean()), rel=1e-12)
-        assert r.rel_l2 == pytest.approx(float(d.norm() / a.norm()), rel=1e-9)
+        assert r.mean_abs_diff == pytest.approx(float(d.mean()), rel=F32_REL)
+        assert r.rel_l2 == pytest.approx(float(d.norm() / a.norm()), rel=F32_REL)
         cos = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0, eps=0))
-        assert r.cosine == pytest.approx(cos, abs=1e-12)
+        assert r.cosine == pytest.approx(cos, rel=F32_REL)
         assert r.num_outside == int((d > 0).sum())
         first = torch.nonzero(d.flatten())[0].item()
         assert r.first_diff_index == tuple(int(i) for i in np.unravel_index(first, tuple(a.shape)))
         assert r.num_nonfinite == 0
     assert rows[SCALED].rel_l2 == pytest.approx(0.5, rel=1e-7)  # 1.5 * w rounds in float32
-    assert rows[SCALED].cosine == pytest.approx(1.0, abs=1e-12)
+    assert rows[SCALED].cosine == pytest.approx(1.0, rel=F32_REL)
     assert rows[ROW].num_outside == 72 and rows[ROW].first_diff_index == (EDITED_ROW, 0)
     assert rows[CAST].dtype_a == "float32" and rows[CAST].dtype_b == "bfloat16"
 
@@ -435,6 +438,8 @@ def _check_kernel(dmod, shape, dt_a, dt_b, edits, nans, atol, rtol, block, seed)
         iv = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         bits = (a.view(iv).numpy(), b.view(iv).numpy()) if a.numel() else (np.zeros(0), np.zeros(0))
     ref = _reference_stats(a.to(torch.float64).numpy(), b.to(torch.float64).numpy(), atol, rtol, bits)
+    f32 = {dt_a, dt_b} <= {"float32", "bfloat16", "float16", "float8_e4m3fn"}  # compared in float32
+    rel_mean, rel_l2 = (F32_REL, F32_REL) if f32 else (1e-12, 1e-9)
     assert r.dtype_changed == (dt_a != dt_b)
     assert r.equal == ref["equal"]
     assert r.num_outside == ref["num_outside"]
@@ -447,9 +452,9 @@ def _check_kernel(dmod, shape, dt_a, dt_b, edits, nans, atol, rtol, block, seed)
         assert r.max_abs_diff is None or math.isnan(r.max_abs_diff)
     else:
         assert r.max_abs_diff == ref["max_abs_diff"]
-        assert r.mean_abs_diff == pytest.approx(ref["mean_abs_diff"], rel=1e-12, abs=1e-300)
+        assert r.mean_abs_diff == pytest.approx(ref["mean_abs_diff"], rel=rel_mean, abs=1e-300)
     if ref["ssa"] > 0 and not r.equal:
-        assert r.rel_l2 == pytest.approx(math.sqrt(ref["ssd"] / ref["ssa"]), rel=1e-9)
+        assert r.rel_l2 == pytest.approx(math.sqrt(ref["ssd"] / ref["ssa"]), rel=rel_l2)
     assert r.status == ("equal" if r.equal else "close" if r.num_outside == 0 else "different")
 
 
@@ -464,7 +469,78 @@ def test_large_tensor_spans_many_blocks_and_subblocks():
     dd = (_f64(a) - _f64(b)).abs()
     assert r.num_outside == int((dd > 0).sum()) and r.first_diff_index == (150, 0)
     assert r.max_abs_diff == float(dd.max())
-    assert r.rel_l2 == pytest.approx(float(dd.norm() / _f64(a).norm()), rel=1e-12)
+    assert r.rel_l2 == pytest.approx(float(dd.norm() / _f64(a).norm()), rel=F32_REL)
+
+
+DTS32 = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16"), ("float16", "float16"),
+         ("float8_e4m3fn", "float32")]  # fmt: skip
+
+
+@pytest.mark.parametrize("tol", [(0.0, 0.0), (1e-3, 0.0), (1e-4, 1e-2)], ids=["exact", "atol", "rtol"])
+@pytest.mark.parametrize("dts", DTS32, ids="-".join)
+def test_float32_path_matches_a_float64_reference(dts, tol, monkeypatch):
+    """Float32-family pairs are compared in float32 sub-blocks (``_Stats._diff32``): on a million random
+    values with known edits (an identical prefix, a training-step-like change everywhere after it,
+    a constant offset, an outlier whose |d| rounds in float32, an identical stretch, NaN/inf) and on
+    values too small or too large for float32 squares (float64 sub-blocks), ``rel_l2``, ``cosine``
+    and ``mean_abs_diff`` agree with float64 numpy to ``F32_REL``; ``max_abs_diff``, counts,
+    ``first_diff_index`` and ``equal`` are exact."""
+    dmod = importlib.import_module("dcp_explorer.diff")
+    used = {"f32": 0, "f64": 0}
+    orig = dmod._Stats._diff32
+
+    def spy(self, *args, **kw):
+        r = orig(self, *args, **kw)
+        used["f32" if r is not None else "f64"] += 1
+        return r
+
+    monkeypatch.setattr(dmod._Stats, "_diff32", spy)
+    dt_a, dt_b = dts
+    atol, rtol = tol
+    g = np.random.default_rng(7)
+    shape = (1000, 999)  # ~15 float32 sub-blocks of 65 536 elements; rows of 999 (not 1024-aligned)
+    n = math.prod(shape)
+    base = g.standard_normal(n) * 3
+    other = base.copy()
+    other[70_000:] += 1e-3 * g.standard_normal(n - 70_000)  # [0, 70 000) identical
+    other[100_000:110_000] = base[100_000:110_000] + 0.5  # a constant offset: many ties for max |d|
+    other[150_000:300_000] = base[150_000:300_000]  # identical again, after differences
+    base[333_333], other[333_333] = 1 + 2**-23, -16.0  # the largest |d|, 17 + 2**-23: 17 in float32
+    if "float8_e4m3fn" not in dts:
+        base[900_000], other[900_000] = math.nan, math.nan  # NaN == NaN
+        other[900_001] = math.inf  # a non-finite mismatch
+    # "u": float32 squares underflow (RMS 3e-30) then overflow (3e25; not in fp16/fp8)
+    ubase = g.standard_normal(300 * 999) * 3
+    ubase[:200_000] *= 1e-30
+    if "float16" not in dts and "float8_e4m3fn" not in dts:
+        ubase[250_000:251_000] *= 1e25
+    uother = ubase * (1 + 1e-3 * g.standard_normal(ubase.size))
+    sides = []
+    for x, dt in ((base, dt_a), (other, dt_b), (ubase, dt_a), (uother, dt_b)):
+        sides.append(torch.from_numpy(x.reshape(-1, 999)).to(getattr(torch, dt)))
+    d = dmod.diff({"t": sides[0], "u": sides[2]}, {"t": sides[1], "u": sides[3]}, atol=atol, rtol=rtol,
+                  block_bytes=1 << 18, progress=False)  # fmt: skip
+    assert used["f32"] >= 10 and used["f64"] >= 1  # both paths taken (fp16 and fp8: no under/overflow)
+    for r, a, b in ((d.rows[0], sides[0], sides[1]), (d.rows[1], sides[2], sides[3])):
+        fa, fb = a.to(torch.float64).numpy().ravel(), b.to(torch.float64).numpy().ravel()
+        bits = None
+        if dt_a == dt_b:
+            iv = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+            bits = (a.view(iv).numpy(), b.view(iv).numpy())
+        ref = _reference_stats(fa, fb, atol, rtol, bits)
+        assert r.equal is False and ref["equal"] is False
+        assert r.first_diff_index == tuple(int(i) for i in np.unravel_index(ref["first"], tuple(a.shape)))
+        assert r.num_outside == ref["num_outside"]
+        assert r.num_nonfinite == ref["num_nonfinite"]
+        assert r.max_abs_diff == ref["max_abs_diff"]  # exact, though found from float32 differences
+        assert r.mean_abs_diff == pytest.approx(ref["mean_abs_diff"], rel=F32_REL)
+        assert r.rel_l2 == pytest.approx(math.sqrt(ref["ssd"] / ref["ssa"]), rel=F32_REL)
+        fin = np.isfinite(fa) & np.isfinite(fb)
+        xa, xb = np.where(fin, fa, 0), np.where(fin, fb, 0)
+        cos = float(np.dot(xa, xb) / (np.linalg.norm(xa) * np.linalg.norm(xb)))
+        assert r.cosine == pytest.approx(cos, rel=F32_REL)
+    if dts == ("float32", "float32"):
+        assert d.rows[0].max_abs_diff == 17 + 2**-23
 
 
 def test_memory_is_bounded_by_block_bytes(tmp_path):
@@ -490,7 +566,7 @@ def test_memory_is_bounded_by_block_bytes(tmp_path):
     # difference) again for the norms that rel_l2 and cosine need
     assert d.bytes_read == 2 * (32 << 20) + (16 << 20)
     x64 = torch.arange(8 << 20, dtype=torch.float64)
-    assert r.rel_l2 == pytest.approx((1000 * 4096 + 5 + 1) / float(x64.norm()), rel=1e-12)
+    assert r.rel_l2 == pytest.approx((1000 * 4096 + 5 + 1) / float(x64.norm()), rel=F32_REL)
 
 
 # ----------------------------------------------------------------------------- results

@@ -25,6 +25,13 @@ def png(v) -> bool:
     return bytes(v).startswith(PNG)
 
 
+def png_size(v) -> tuple[int, int]:
+    """(width, height) of a PNG, from its IHDR chunk."""
+    b = bytes(v)
+    assert b.startswith(PNG)
+    return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
@@ -83,8 +90,15 @@ def test_quant_viewer_lists_every_row_of_ckpt_quant_and_follows_the_selection(fp
         assert f"{float(np.nanmax(want.absmax)):.6g}" in q.stats.value
         assert all(png(getattr(q, k).value) for k in ("scales", "codes", "values", "dynamic_range"))
         assert bytes(q.block_error.value) == b""  # no reference
+        # ...so the error picture is hidden, and only it (each picture has a layout of its own)
+        assert q.block_error.layout.display == "none"
+        assert all(
+            getattr(q, k).layout.display is None for k in ("scales", "codes", "values", "dynamic_range")
+        )
         assert "no problems found (scales and weights checked)" in q.problems.value
     assert q.error_metric.disabled
+    pics = [q.scales, q.codes, q.values, q.dynamic_range, q.block_error]
+    assert len({id(p.layout) for p in pics}) == len(pics)
 
 
 def test_quant_viewer_region_and_range_controls(mx):
@@ -235,6 +249,11 @@ def test_diff_viewer_status_filter_follows_the_table(d_edit):
             assert html.escape(f) in v.table.value
     v.status.value = "only_in_b"
     assert list(v.rows.fqn) == ["model.final_norm.weight"]
+    # each _a/_b pair is one column: the value once when both sides agree, else "a → b"
+    assert "<th>dtype</th>" in v.table.value and "<th>dtype_a</th>" not in v.table.value
+    assert "— → float32" in v.table.value and "(72,)" in v.table.value
+    v.status.value = "different"
+    assert "float32 → float32" not in v.table.value and "(251, 72) → " not in v.table.value
     v.status.value = "changed"
     assert list(v.rows.fqn) == list(t[t.changes != ""].fqn)
     v.status.value = "all"
@@ -265,6 +284,13 @@ def test_diff_viewer_block_map_follows_the_library(d_edit):
     assert v.last_block_map.shape == (5, 1)
     want = d_edit.block_map("model.layers.0.attention.wq.weight", (16, 72), stat="count")
     np.testing.assert_array_equal(v.last_block_map, want)
+    # the picture follows the tile grid's shape (5 x 1: tall; 1 x 9: wide), and the widget shows it at
+    # its own aspect ratio instead of stretching it to the height of the details beside it
+    tall = png_size(v.block_map.value)
+    v.block.value = "72, 8"
+    wide = png_size(v.block_map.value)
+    assert tall[1] > wide[1] and wide[0] > 2 * wide[1]
+    assert v.block_map.layout.height == "auto" and v.block_map.layout.align_self == "flex-start"
     # rows that cannot be mapped: a note, no picture, no error
     v.tensor.value = "model.norm.weight"
     assert bytes(v.block_map.value) == b"" and v.last_block_map is None

@@ -30,7 +30,8 @@ from . import _safe_pickle as _sp
 try:  # the optional C extension (setup.py builds it when a compiler is available)
     from . import _dcpscan
 except ImportError:  # pragma: no cover - depends on the build
-    _dcpscan = None
+    # mypy cannot spell "this module or None" and keep the module's types (_dcpscan.pyi)
+    _dcpscan = None  # type: ignore[assignment]
 
 __all__ = ["fast_parse", "available"]
 

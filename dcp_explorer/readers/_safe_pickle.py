@@ -215,12 +215,13 @@ def _guard(data: bytes, scanner: bool = True) -> tuple[str, str] | None:
     past the end of the input (it would fail there). The C scanner's linear walk when it is built,
     else (or with ``scanner=False``) :mod:`pickletools`, 100 times slower.
     """
-    try:
-        from . import _dcpscan
-    except ImportError:  # pragma: no cover - depends on the build
-        _dcpscan = None
-    if _dcpscan is not None and scanner:
-        return _dcpscan.memo_guard(data)
+    if scanner:
+        try:
+            from . import _dcpscan
+        except ImportError:  # pragma: no cover - depends on the build
+            pass
+        else:
+            return _dcpscan.memo_guard(data)
     import pickletools
 
     puts = 0
@@ -229,7 +230,8 @@ def _guard(data: bytes, scanner: bool = True) -> tuple[str, str] | None:
             if op.name == "MEMOIZE":
                 puts += 1
             elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if arg >= 1 << 22 and arg > puts:
+                # (their argument is the memo index, always an int)
+                if isinstance(arg, int) and arg >= 1 << 22 and arg > puts:
                     return "memo", f"memo index {arg} is out of sequence after {puts} entries"
                 puts += 1
     except ValueError:  # truncated or not an opcode: the unpickler fails there too

@@ -171,12 +171,14 @@ def _members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     return out
 
 
-def _data_start(f: IO[bytes], info: zipfile.ZipInfo, where: str) -> int:
+def _data_start(f: IO[bytes] | io.RawIOBase, info: zipfile.ZipInfo, where: str) -> int:
     f.seek(info.header_offset)
     name = info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace")
     head = f.read(30 + len(name))
     if len(head) != 30 + len(name) or head[:4] != b"PK\x03\x04":
         raise MetadataError("zip local header not found where the central directory says", path=where)
+    name_len: int
+    extra_len: int
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     if head[30:] != name or name_len != len(name):
         # the directory points at another member's header: reading there would return its bytes
@@ -185,8 +187,9 @@ def _data_start(f: IO[bytes], info: zipfile.ZipInfo, where: str) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def tensor_layout(item: IO[bytes], where: str) -> TensorLayout:
-    """Parse a ``torch.save`` archive (a seekable binary file object over exactly the item).
+def tensor_layout(item: IO[bytes] | io.RawIOBase, where: str) -> TensorLayout:
+    """Parse a ``torch.save`` archive (a seekable binary file object over exactly the item, such as
+    a :class:`WindowFile`).
 
     Raises
     ------

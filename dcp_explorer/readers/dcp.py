@@ -237,7 +237,7 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
     hint = list(map(attrgetter("index"), keys))
 
     is_bytes = kinds[ent] == KIND_BYTES
-    for i in np.flatnonzero(is_bytes):
+    for i in np.flatnonzero(is_bytes).tolist():
         bytes_items[int(ent[i])] = (int(fid[i]), int(o[i]), int(ln[i]), int(tid[i]))
     tens = np.flatnonzero(~is_bytes)
     # rows from the index hints, checked against the key's offsets; fall back to a search
@@ -266,27 +266,26 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
     bad = np.flatnonzero(~ok)
     if len(bad):  # no usable hint: look the offsets up among the tensor's chunks
         by_offset: dict[tuple[int, tuple[int, ...]], int] = {}
-        for e in np.unique(ent_t[bad]).tolist():
-            for r in range(int(chunk_start[e]), int(chunk_start[e + 1])):
-                by_offset.setdefault((e, tuple(offsets[coord_start[r] : coord_start[r + 1]].tolist())), r)
+        for en in np.unique(ent_t[bad]).tolist():
+            for r in range(int(chunk_start[en]), int(chunk_start[en + 1])):
+                by_offset.setdefault((en, tuple(offsets[coord_start[r] : coord_start[r + 1]].tolist())), r)
         for j in bad.tolist():
-            e = int(ent_t[j])
+            en = int(ent_t[j])
             off = koffs[j]
-            found = by_offset.get((e, off)) if isinstance(off, tuple) else None
+            found = by_offset.get((en, off)) if isinstance(off, tuple) else None
             if found is None:
                 raise MetadataError(
-                    f"storage_data has a chunk of {fqns[e]!r} at offset {off!r} that the tensor's "
+                    f"storage_data has a chunk of {fqns[en]!r} at offset {off!r} that the tensor's "
                     "chunk list does not have",
                     path=path,
                 )
             rows[j] = found
-    r = rows
     seen = np.zeros(len(file_col), bool)
-    seen[r] = True
-    file_col[r] = fid[tens]
-    boff[r] = o[tens]
-    blen[r] = ln[tens]
-    tcol[r] = tid[tens]
+    seen[rows] = True
+    file_col[rows] = fid[tens]
+    boff[rows] = o[tens]
+    blen[rows] = ln[tens]
+    tcol[rows] = tid[tens]
     if not seen.all():
         # storage_data is keyed by (fqn, offset) only: chunks of a tensor with equal offsets
         # (e.g. several 0-d chunks) share one stored item, which torch reads for each of them
@@ -309,8 +308,8 @@ def _attach_storage(storage: dict[Any, Any], fqns: tuple[str, ...], kinds: np.nd
     missing = int((~seen).sum())
     if missing:
         first = int(np.flatnonzero(~seen)[0])
-        e = int(np.searchsorted(chunk_start, first, side="right") - 1)
-        warnings.append(f"{missing} chunk(s) have no storage location, e.g. a chunk of {fqns[e]!r}")
+        en = int(np.searchsorted(chunk_start, first, side="right") - 1)
+        warnings.append(f"{missing} chunk(s) have no storage location, e.g. a chunk of {fqns[en]!r}")
     missing_bytes = [fqns[i] for i in np.flatnonzero(kinds == KIND_BYTES) if int(i) not in bytes_items]
     if missing_bytes:
         warnings.append(
@@ -407,7 +406,10 @@ def merge_indexes(parts: list[CheckpointIndex]) -> CheckpointIndex:
             cols["transform"].append(tmaps[pi][c.transform[r]])
     coord_start = np.zeros(len(nd) + 1, np.int64)
     np.cumsum(nd, out=coord_start[1:])
-    cat = (lambda xs: np.concatenate(xs).astype(np.int64)) if offs else (lambda xs: np.zeros(0, np.int64))
+
+    def cat(xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
+
     chunks = ChunkColumns(
         np.array(cols["entry"], np.int32), coord_start, cat(offs), cat(sizes),
         np.array(cols["file"], np.int32), np.array(cols["byte_offset"], np.int64),

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -407,12 +408,15 @@ class SafetensorsReader(BackendEntrypoint):
         nd = np.array([len(r[2]) for r in rows], np.int64)
         coord_start = np.zeros(m + 1, np.int64)
         np.cumsum(nd, out=coord_start[1:])
-        flat = lambda k: np.array([x for r in rows for x in r[k]], np.int64)  # noqa: E731
+
+        def flat(coords: Iterable[tuple[int, ...]]) -> np.ndarray:
+            return np.array([x for c in coords for x in c], np.int64)
+
         chunks = ChunkColumns(
             entry=np.repeat(np.arange(n, dtype=np.int32), counts),
             coord_start=coord_start,
-            offsets=flat(2),
-            sizes=flat(3),
+            offsets=flat(r[2] for r in rows),
+            sizes=flat(r[3] for r in rows),
             file=np.array([r[0] for r in rows], np.int32),
             byte_offset=np.array([r[4] for r in rows], np.int64),
             byte_length=np.array([r[5] for r in rows], np.int64),

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import figure_png, frame_html, guarded, new_axes, set_png
+from ._common import figure_png, frame_html, guarded, new_axes, png_image, set_png
 
 __all__ = ["CheckpointBrowser"]
 
@@ -64,11 +64,11 @@ class CheckpointBrowser:
                                  style={"description_width": "initial"})  # fmt: skip
         self.modules = w.HTML()
         self.details = w.HTML()
-        self.chunk_map = w.Image(format="png", layout=w.Layout(max_width="720px"))
+        self.chunk_map = png_image()
         self.preview_button = w.Button(description="load preview", icon="download",
                                        tooltip="read this tensor (or its first rows) through the loader")  # fmt: skip
         self.preview = w.HTML()
-        self.histogram = w.Image(format="png", layout=w.Layout(max_width="560px"))
+        self.histogram = png_image()
 
         self.search.observe(guarded(self.error)(self._on_search), names="value")
         self.depth.observe(guarded(self.error)(self._on_depth), names="value")
@@ -105,8 +105,15 @@ class CheckpointBrowser:
         self.count.value = f"<small>{len(hits):,} of {len(self.ckpt.fqns):,} entries match{more}</small>"
 
     def _on_depth(self, change: Any = None) -> None:
+        from ..html import fmt_bytes
+
         m = self.ckpt.modules(depth=self.depth.value).sort_values("nbytes", ascending=False)
-        self.modules.value = frame_html(m, 25)
+        # what fits the left column: sizes in readable units, short headers (ckpt.modules() has all)
+        shown = m[["module", "num_tensors", "num_bytes_items", "nbytes", "num_chunks"]].rename(
+            columns={"num_tensors": "tensors", "num_bytes_items": "bytes items", "nbytes": "size",
+                     "num_chunks": "chunks"})  # fmt: skip
+        shown["size"] = [fmt_bytes(int(n)) for n in shown["size"]]
+        self.modules.value = frame_html(shown, 25)
 
     def _on_tensor(self, change: Any = None) -> None:
         fqn = self.tensor.value
@@ -137,6 +144,10 @@ class CheckpointBrowser:
         tab = pd.DataFrame([{"chunk": c.chunk, "offsets": c.offsets, "sizes": c.sizes, "rank": c.rank,
                              "file": c.file, "byte_offset": c.byte_offset, "byte_length": c.byte_length,
                              "transform": c.transform or ""} for c in chunks])  # fmt: skip
+        # fit the right-hand column: short headers, and no transform column when nothing is transformed
+        tab = tab.rename(columns={"byte_offset": "at byte", "byte_length": "bytes"})
+        if not tab.empty and not tab["transform"].astype(bool).any():
+            tab = tab.drop(columns="transform")
         self.details.value = head + frame_html(tab, 16)
         from ..viz import plot_chunk_map
 
@@ -161,16 +172,16 @@ class CheckpointBrowser:
             sl = (slice(0, rows),)
         before = self.ckpt.loader.stats.bytes_read
         t = self.ckpt.load(fqn, slices=sl)
-        from ..cli import tensor_stats
+        from ..load import tensor_stats
 
         st = tensor_stats(t)
         read = self.ckpt.loader.stats.bytes_read - before
         note = f" (first {sl[0].stop:,} rows)" if sl else ""
-        rows = "".join(f"<tr><th>{k}</th><td>{v:.6g}</td></tr>" if isinstance(v, float) else
-                       f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>"
-                       for k, v in st.items())  # fmt: skip
+        trs = "".join(f"<tr><th>{k}</th><td>{v:.6g}</td></tr>" if isinstance(v, float) else
+                      f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>"
+                      for k, v in st.items())  # fmt: skip
         self.preview.value = (f"<div><b>preview{html.escape(note)}</b>, {read:,} bytes read</div>"
-                              f"<table>{rows}</table>")  # fmt: skip
+                              f"<table>{trs}</table>")  # fmt: skip
         if t.numel():
             import torch
 

@@ -9,14 +9,17 @@ from typing import Any
 
 import numpy as np
 
-from ._common import figure_png, frame_html, guarded, new_axes, set_png
+from ._common import figure_png, frame_html, guarded, new_axes, png_image, set_png, toggle_buttons
 from .browser import _matches
 
 __all__ = ["DiffViewer"]
 
-#: Columns of :attr:`CheckpointDiff.table` shown in the widget's table.
+#: Columns of :attr:`CheckpointDiff.table` shown in the widget's table (each ``x_a``/``x_b`` pair
+#: as one column ``x``: the value when both sides agree, else ``a → b``, so the table fits).
 TABLE_COLUMNS = ("fqn", "status", "changes", "dtype_a", "dtype_b", "shape_a", "shape_b", "chunks_a", "chunks_b",
                  "max_abs_diff", "rel_l2", "cosine", "num_outside")  # fmt: skip
+#: Block-map figure: width, and the height range (inches) it takes from the tile grid's aspect.
+MAP_WIDTH, MAP_HEIGHTS = 6.4, (2.6, 6.0)
 #: Rows shown in the table (the filter narrows them down).
 MAX_TABLE_ROWS = 50
 #: Tensors offered in the tensor dropdown (the first ones of the filtered rows; narrow the filter for others).
@@ -54,6 +57,38 @@ def _fmt(v: Any) -> str:
     if isinstance(v, tuple):
         return str(list(v))
     return str(v)
+
+
+def _pair(a: Any, b: Any) -> str:
+    """One cell for an ``_a``/``_b`` pair: ``a`` when equal, else ``a → b`` (``—`` for a missing side)."""
+
+    def text(v: Any) -> str:
+        v = _plain(v)
+        return str(tuple(int(x) for x in v)) if isinstance(v, tuple) else _fmt(v)
+
+    sa, sb = text(a), text(b)
+    return sa if sa == sb else f"{sa} → {sb}"
+
+
+def _display_table(rows: Any) -> Any:
+    """:data:`TABLE_COLUMNS` of ``rows`` with each ``x_a``/``x_b`` pair merged into one column ``x``."""
+    out = rows[list(TABLE_COLUMNS)].copy()
+    for name in ("dtype", "shape", "chunks"):
+        a, b = f"{name}_a", f"{name}_b"
+        out[a] = [_pair(x, y) for x, y in zip(out[a], out[b], strict=True)]
+        out = out.drop(columns=b).rename(columns={a: name})
+    return out
+
+
+def _map_figsize(m: np.ndarray) -> tuple[float, float]:
+    """Figure size for a block map: the tile grid's aspect ratio (rows / columns), within bounds."""
+    g = np.asarray(m)
+    rows, cols = (
+        (1, 1) if g.ndim == 0 else (1, g.shape[0]) if g.ndim == 1 else (g.size // g.shape[-1], g.shape[-1])
+    )
+    # the axes take ~70% of the width (the colour bar and labels the rest)
+    h = 0.7 * MAP_WIDTH * rows / max(cols, 1) + 1.2
+    return MAP_WIDTH, float(min(max(h, MAP_HEIGHTS[0]), MAP_HEIGHTS[1]))
 
 
 def _plot_block_map(m: np.ndarray, *, fqn: str, stat: str, tile: Any, ax: Any) -> Any:
@@ -123,7 +158,12 @@ class DiffViewer:
 
     Examples
     --------
-    >>> DiffViewer(dcp_explorer.diff("step-1000", "step-2000"))   # doctest: +SKIP
+    >>> import dcp_explorer
+    >>> from dcp_explorer.samples import sample_path
+    >>> viewer = DiffViewer(dcp_explorer.diff(sample_path("llama_fsdp_ws1"), sample_path("hf_rank0"),
+    ...                                       select="model.*", rename={"model.": ""}, progress=False))
+    >>> len(viewer.rows), viewer.tensor.value  # display `viewer` in a notebook
+    (21, 'tok_embeddings.weight')
     """
 
     def __init__(self, diff: Any, *, block: int | tuple[int, ...] = 64) -> None:
@@ -152,9 +192,9 @@ class DiffViewer:
         btxt = str(block) if isinstance(block, int) else ",".join(map(str, block))
         self.block = w.Text(value=btxt, description="tile", continuous_update=False,
                             tooltip="block-map tile size: 64, or one size per dim (8,16)")  # fmt: skip
-        self.stat = w.ToggleButtons(options=["max", "mean", "count"], value="max", description="statistic")
+        self.stat = toggle_buttons(["max", "mean", "count"], "max")  # labelled by a Label beside it
         self.details = w.HTML()
-        self.block_map = w.Image(format="png", layout=w.Layout(max_width="640px"))
+        self.block_map = png_image("640px")
         self.draw_button = w.Button(description="draw block map", icon="th",
                                     tooltip="read both tensors again and reduce |a - b| over tiles")  # fmt: skip
 
@@ -172,7 +212,8 @@ class DiffViewer:
             self.count,
             self.table,
             self.tensor,
-            w.HBox([self.block, self.stat, self.draw_button]),
+            w.HBox([self.block, w.Label("statistic"), self.stat, self.draw_button],
+                   layout=w.Layout(align_items="center")),
             w.HBox([self.details, self.block_map]),
             self.error,
         ])  # fmt: skip
@@ -190,8 +231,11 @@ class DiffViewer:
         st = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in s["status"].items())
         ch = ", ".join(f"{v:,} {k}" for k, v in s["changes"].items()) or "none"
         ign = f"; ignoring {', '.join(s['ignore'])}" if s["ignore"] else ""
-        return (f"<div><b>CheckpointDiff</b> {verdict} — A: {html.escape(str(s['a']))} ({html.escape(s['format_a'])})"
-                f", B: {html.escape(str(s['b']))} ({html.escape(s['format_b'])})</div>"
+        # one line per fact; a long path breaks anywhere rather than pushing the layout around
+        path = "style='word-break:break-all'"
+        return (f"<div><b>CheckpointDiff</b> {verdict}</div>"
+                f"<div {path}><b>A</b> {html.escape(str(s['a']))} ({html.escape(s['format_a'])})</div>"
+                f"<div {path}><b>B</b> {html.escape(str(s['b']))} ({html.escape(s['format_b'])})</div>"
                 f"<div>{s['entries']:,} entries: {html.escape(st)}. Changes: {html.escape(ch)}"
                 f" (atol={s['atol']:g}, rtol={s['rtol']:g}{html.escape(ign)})</div>")  # fmt: skip
 
@@ -216,7 +260,7 @@ class DiffViewer:
             in_a = _matches(tuple(x for x in t["fqn_a"] if x is not None), q)
             t = t[t["fqn"].isin(in_b) | t["fqn_a"].isin(in_a)]
         self.rows = t.reset_index(drop=True)
-        shown = self.rows[list(TABLE_COLUMNS)]
+        shown = _display_table(self.rows)
         more = f", first {MAX_TABLE_ROWS} shown" if len(shown) > MAX_TABLE_ROWS else ""
         self.count.value = f"<small>{len(self.rows):,} of {len(self._table):,} entries{more}</small>"
         self.table.value = frame_html(shown, MAX_TABLE_ROWS) if len(shown) else "<i>no entries match</i>"
@@ -269,7 +313,7 @@ class DiffViewer:
         tile = parse_block(self.block.value)
         m = self.diff.block_map(fqn, tile, stat=self.stat.value)
         self.last_block_map = m
-        ax = _plot_block_map(m, fqn=fqn, stat=self.stat.value, tile=tile, ax=new_axes((6.4, 3.8)))
+        ax = _plot_block_map(m, fqn=fqn, stat=self.stat.value, tile=tile, ax=new_axes(_map_figsize(m)))
         set_png(self.block_map, figure_png(ax.figure))
 
     # -- display ------------------------------------------------------------------------------------

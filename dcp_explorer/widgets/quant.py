@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import figure_png, frame_html, guarded, new_axes, set_png
+from ._common import figure_png, frame_html, guarded, new_axes, png_image, set_png, toggle_buttons
 
 __all__ = ["QuantViewer"]
 
@@ -120,7 +120,11 @@ class QuantViewer:
 
     Examples
     --------
-    >>> QuantViewer(dcp_explorer.open("fp8_release"), reference="bf16_release")   # doctest: +SKIP
+    >>> import dcp_explorer
+    >>> from dcp_explorer.samples import sample_path
+    >>> viewer = QuantViewer(dcp_explorer.open(sample_path("fp8_block")))  # reference="bf16_release"
+    >>> viewer.tensor.value  # the first quantized tensor; display `viewer` in a notebook
+    'model.layers.0.mlp.down_proj.weight'
     """
 
     def __init__(self, ckpt: Any, reference: Any = None, *, fqn: str | None = None) -> None:
@@ -147,26 +151,25 @@ class QuantViewer:
         self.tensor = w.Dropdown(
             options=opts, value=first, description="tensor", layout=w.Layout(width="640px")
         )
-        self.slices = w.Text(value="", description="slices", continuous_update=False,
+        self.slices = w.Text(value="", description="slices", continuous_update=False, layout=w.Layout(width="420px"),
                              placeholder="all blocks; e.g. 0 (first expert) or 0:256, :",
                              tooltip="only the blocks this slice of the dequantized tensor touches")  # fmt: skip
         # scanning reads every weight byte: on by default only when every tensor is small
         small = all(r["logical_shape"] is None or math.prod(r["logical_shape"]) <= MAX_REGION_VALUES
                     for r in self._rows.values())  # fmt: skip
         self.scan_weights = w.Checkbox(value=small, description="scan weights for problems", indent=False)
-        self.range_quantity = w.ToggleButtons(options=["dynamic_range", "utilization", "absmax"],
-                                              value="dynamic_range", description="range map")  # fmt: skip
-        self.error_metric = w.ToggleButtons(options=["rel", "max"], value="rel", description="error",
-                                            disabled=reference is None)  # fmt: skip
+        # labelled by Label widgets beside them (a ToggleButtons' own description wraps above its buttons)
+        self.range_quantity = toggle_buttons(["dynamic_range", "utilization", "absmax"], "dynamic_range")
+        self.error_metric = toggle_buttons(["rel", "max"], "rel", disabled=reference is None)
         self.row = w.HTML()
         self.problems = w.HTML()
         self.stats = w.HTML()
-        img = {"format": "png", "layout": w.Layout(max_width="480px")}
-        self.scales = w.Image(**img)
-        self.codes = w.Image(**img)
-        self.values = w.Image(**img)
-        self.dynamic_range = w.Image(**img)
-        self.block_error = w.Image(**img)
+        # one Layout per picture: set_png hides a picture through its layout
+        self.scales = png_image("480px")
+        self.codes = png_image("480px")
+        self.values = png_image("480px")
+        self.dynamic_range = png_image("480px")
+        self.block_error = png_image("480px")
 
         g = guarded(self.error)
         self.tensor.observe(g(self._on_tensor), names="value")
@@ -175,8 +178,9 @@ class QuantViewer:
         self.range_quantity.observe(g(self._draw_range), names="value")
         self.error_metric.observe(g(self._draw_error), names="value")
 
-        controls = w.VBox([self.tensor, w.HBox([self.slices, self.scan_weights]), self.range_quantity,
-                           self.error_metric])  # fmt: skip
+        controls = w.VBox([self.tensor, w.HBox([self.slices, self.scan_weights]),
+                           w.HBox([w.Label("range map"), self.range_quantity, w.Label("error"), self.error_metric],
+                                  layout=w.Layout(align_items="center"))])  # fmt: skip
         facts = w.HBox([
             w.VBox([w.HTML("<b>ckpt.quant row</b>"), self.row]),
             w.VBox([w.HTML("<b>problems</b>"), self.problems, w.HTML("<b>blocks</b>"), self.stats]),
@@ -194,11 +198,14 @@ class QuantViewer:
         t = self._table
         bad = int((t["problems"].map(len) > 0).sum()) if len(t) else 0
         fmts = ", ".join(f"{n} {k}" for k, n in t["format"].value_counts().items()) if len(t) else "none"
-        ref = ""
+        facts = [f"{len(t):,} quantized tensor(s) ({html.escape(fmts)})",
+                 f"<span style='color:#b00020'>{bad:,} with problems</span>" if bad else "0 with problems"]  # fmt: skip
         if self.reference is not None:
-            ref = f"; reference: {html.escape(str(getattr(self.reference, 'path', 'in-memory tensors')))}"
-        return (f"<b>QuantViewer</b> {html.escape(str(self.ckpt.path))} — {len(t):,} quantized tensor(s) "
-                f"({html.escape(fmts)}), {bad:,} with problems{ref}")  # fmt: skip
+            where = str(getattr(self.reference, "path", "in-memory tensors"))
+            facts.append(f"reference: <span style='word-break:break-all'>{html.escape(where)}</span>")
+        # the title and path on one line (a long path breaks anywhere), the facts on the next
+        return (f"<div><b>QuantViewer</b> <span style='word-break:break-all'>{html.escape(str(self.ckpt.path))}"
+                f"</span></div><div>{' · '.join(facts)}</div>")  # fmt: skip
 
     def _reference_has(self, fqn: str) -> bool:
         ref = self.reference
