@@ -7,7 +7,8 @@ float32 tensors of ``--mib`` MiB each (default 8 x 128 MiB = 1 GiB each), with t
 * ``same``: the same values written as safetensors (``safetensors.torch.save_file``), so the
   comparison crosses formats (DCP zip items vs raw safetensors bytes) and every value is equal;
 * ``step``: ``A + 1e-3 * randn`` written by ``dcp.save``: every element differs (a training step,
-  the worst case: full float64 statistics everywhere).
+  the worst case: every statistic computed for every element -- in float32 with float64
+  accumulation, as ``diff`` does for float32/bf16/fp16/fp8 data).
 
 Reads every file once so the page cache is warm, then measures, each in a fresh process,
 ``--repeat`` rounds interleaved (best time kept, highest peak RSS kept):

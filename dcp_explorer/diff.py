@@ -1715,6 +1715,10 @@ class _Buffers:
         return buf[:n].view(dtype).reshape(tuple(shape))
 
 
+#: A tensor pair as :class:`_Comparer` reads it: shape, raw dtypes of A and B, blocks (starts, stops).
+_Layout = tuple[tuple[int, ...], np.dtype, np.dtype, list[tuple[list[int], list[int]]]]
+
+
 class _Comparer:
     """Compares the values of tensor pairs and bytes entries; holds the buffers and the reader thread."""
 
@@ -1728,7 +1732,7 @@ class _Comparer:
         self._pool: Any = None
         # the next tensor's first block, read while the last block of the current one is compared:
         # (pair, its _layout, buffer slot, future)
-        self._ahead: tuple[_Pair, tuple[Any, ...], int, Any] | None = None
+        self._ahead: tuple[_Pair, _Layout, int, Any] | None = None
 
     def _drop_ahead(self) -> None:
         """Wait for a read-ahead and forget it (its buffer is about to be reused)."""
@@ -1739,7 +1743,7 @@ class _Comparer:
             with contextlib.suppress(Exception):
                 fut.result()
 
-    def _layout(self, p: _Pair) -> tuple[tuple[int, ...], np.dtype, np.dtype, list[tuple[list[int], list[int]]]]:
+    def _layout(self, p: _Pair) -> _Layout:
         """Shape, raw dtypes of A and B, and the blocks of a tensor pair."""
         assert p.a is not None and p.b is not None
         rda, rdb = _raw_dtype(p.a.value_dtype), _raw_dtype(p.b.value_dtype)
@@ -1789,26 +1793,32 @@ class _Comparer:
             return _replace(row, status="equal", equal=True)
         return _replace(row, status="different", equal=False, detail=f"{_short(x)} != {_short(y)}")
 
-    def _tensor(self, row: EntryDiff, p: _Pair) -> EntryDiff:
+    def _tensor(self, row: EntryDiff, p: _Pair, nxt: _Pair | None = None) -> EntryDiff:
         ea, eb = p.a, p.b
         assert ea is not None and eb is not None
-        shape = ea.shape
+        fut = None
+        slot0 = 0  # block k is read into the buffers of slot (slot0 + k) % 2
+        if self._ahead is not None and self._ahead[0] is p:
+            _p, lay, slot0, fut = self._ahead
+            self._ahead = None
+        else:
+            self._drop_ahead()
+            lay = self._layout(p)
+        shape, rda, rdb, boxes = lay
         st = _Stats(ea.value_dtype, eb.value_dtype, self.atol, self.rtol)
-        rda, rdb = _raw_dtype(ea.value_dtype), _raw_dtype(eb.value_dtype)
-        per_elem = max(rda.itemsize, rdb.itemsize)
-        budget = max(1, self.block_bytes // per_elem)
-        boxes = list(_boxes(shape, (1,) * len(shape), budget))
         stopped = None
+        # read the next tensor's first block while this one's last block is compared (not for small
+        # blocks: a thread hand-off costs more than reading them)
+        nlay = self._layout(nxt) if nxt is not None else None
+        if nlay is not None:
+            first_box = nlay[3][0] if nlay[3] else None
+            if first_box is None or math.prod(b - a for a, b in zip(*first_box, strict=True)) < 1 << 18:
+                nlay = None
 
         def read(k: int) -> tuple[np.ndarray, np.ndarray]:
-            starts, stops = boxes[k]
-            bshape = [b - a for a, b in zip(starts, stops, strict=True)]
-            oa = self.bufs.get(0, k % 2, bshape, rda)
-            ob = self.bufs.get(1, k % 2, bshape, rdb)
-            return self.a.read(ea, starts, stops, oa), self.b.read(eb, starts, stops, ob)
+            return self._read(p, rda, rdb, boxes[k], (slot0 + k) % 2)
 
-        fut = None
-        threaded = len(boxes) > 1
+        threaded = len(boxes) > 1 or fut is not None
         try:
             for k, (starts, _stops) in enumerate(boxes):
                 if threaded:
@@ -1818,6 +1828,11 @@ class _Comparer:
                     fut = self._executor().submit(read, k + 1) if k + 1 < len(boxes) else None
                 else:
                     ra, rb = read(k)
+                if k + 1 == len(boxes) and nlay is not None:
+                    assert nxt is not None
+                    s = (slot0 + k + 1) % 2
+                    f = self._executor().submit(self._read, nxt, nlay[1], nlay[2], nlay[3][0], s)
+                    self._ahead = (nxt, nlay, s, f)
                 base = int(np.ravel_multi_index(starts, shape)) if shape else 0
                 st.update(ra, rb, base)
                 if self.fail_fast and st.outside and k + 1 < len(boxes):
@@ -1829,11 +1844,16 @@ class _Comparer:
                 with contextlib.suppress(Exception):
                     fut.result()
         if not st.equal and st.prefix_end:  # rel_l2 and cosine need the norms of the identical prefix too
+            slot = 0
+            if self._ahead is not None:  # one reading thread at a time: let the read-ahead finish first
+                with contextlib.suppress(Exception):  # (the next tensor reports its error)
+                    self._ahead[3].result()
+                slot = 1 - self._ahead[2]
             for starts, stops in boxes:
                 base = int(np.ravel_multi_index(starts, shape)) if shape else 0
                 if base >= st.prefix_end:
                     break
-                oa = self.bufs.get(0, 0, [b - a for a, b in zip(starts, stops, strict=True)], rda)
+                oa = self.bufs.get(0, slot, [b - a for a, b in zip(starts, stops, strict=True)], rda)
                 ra = self.a.read(ea, starts, stops, oa).reshape(-1)
                 st.norms_of_prefix(ra[: st.prefix_end - base])
         res = st.result()
@@ -2006,10 +2026,12 @@ def _run(a: Any, b: Any, *, select: Any, rename: Any, atol: float, rtol: float, 
         comparer = _Comparer(src_a, src_b, atol, rtol, block_bytes, fail_fast)
         done: list[int] = []
         try:
-            for i in todo:
+            for t, i in enumerate(todo):
                 if bar is not None:
                     bar.set_postfix_str(pairs[i].fqn[-48:], refresh=False)
-                rows[i] = comparer.compare(rows[i], pairs[i])
+                j = todo[t + 1] if t + 1 < len(todo) else None
+                nxt = pairs[j] if j is not None and rows[j].kind == "tensor" else None
+                rows[i] = comparer.compare(rows[i], pairs[i], nxt)
                 done.append(i)
                 if bar is not None:
                     bar.update(1)

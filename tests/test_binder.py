@@ -1,10 +1,10 @@
 """binder/: the files mybinder (repo2docker) builds the repository from, checked statically.
 
 The full rehearsal -- a fresh venv from ``binder/requirements.txt``, ``postBuild``, the four
-notebooks run in that venv -- is ``bash binder/check.sh`` (about 4 minutes: too slow for every CI
-run). These tests check what it relies on, in a second: the CPU build of the pinned torch, the
-repository itself installed, a Python that ``requires-python`` accepts, and a ``postBuild`` that
-is executable and only calls commands this package has.
+notebooks run in that venv -- is ``bash binder/check.sh`` (about 1.5 minutes; ``.ci/run`` runs
+it). These tests check what it relies on, in a second and with precise messages: the CPU build of
+the pinned torch, the repository itself installed, a Python that ``requires-python`` accepts, and
+a ``postBuild`` that is executable and only calls commands this package has.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import tracemalloc
 import warnings
 from typing import Any
@@ -541,6 +542,47 @@ def test_float32_path_matches_a_float64_reference(dts, tol, monkeypatch):
         assert r.cosine == pytest.approx(cos, rel=F32_REL)
     if dts == ("float32", "float32"):
         assert d.rows[0].max_abs_diff == 17 + 2**-23
+
+
+def test_read_ahead_of_the_next_tensor(monkeypatch):
+    """The first block of the next tensor is read while the current one's last block is compared:
+    every row is what comparing that tensor alone gives, also when the current tensor needs its
+    identical prefix again (a read on the main thread) and when reading the next one fails."""
+    dmod = importlib.import_module("dcp_explorer.diff")
+    g = torch.Generator().manual_seed(3)
+    a = {k: torch.randn(1024, 1024, generator=g) for k in "pqrstu"}
+    b = {k: v.clone() for k, v in a.items()}
+    b["p"][700:] += 1e-3  # identical prefix, then different: norms_of_prefix while "q" is read ahead
+    b["q"] += 1e-3 * torch.randn(1024, 1024, generator=g)  # every value changed
+    b["s"] = b["s"].to(torch.bfloat16)  # other dtype: other raw buffers
+    b["u"][0, 0] = math.nan
+    kw = dict(block_bytes=1 << 20, progress=False)  # 4 blocks of 256 Ki elements per tensor
+    single = {k: dmod.diff({k: a[k]}, {k: b[k]}, **kw) for k in a}
+    alone = {k: x.rows[0] for k, x in single.items()}
+    ahead = []
+    orig = dmod._Comparer._read
+
+    def spy(self, p, *args):
+        ahead.append((p.fqn, threading.current_thread() is not threading.main_thread()))
+        return orig(self, p, *args)
+
+    monkeypatch.setattr(dmod._Comparer, "_read", spy)
+    d = dmod.diff(a, b, **kw)
+    assert [r.fqn for r in d.rows] == list("pqrstu") and {r.fqn: r for r in d.rows} == alone
+    assert ahead == [(k, True) for k in "pqrstu" for _ in range(4)]  # every block read on the reader thread
+    assert d.bytes_read == sum(x.bytes_read for x in single.values())
+
+    real = dmod._TorchSource.read
+
+    def fails_on_r(self, e, *args):
+        if e.fqn == "r":
+            raise OSError("disk on fire")
+        return real(self, e, *args)
+
+    monkeypatch.setattr(dmod._TorchSource, "read", fails_on_r)
+    rows = {r.fqn: r for r in dmod.diff(a, b, **kw).rows}
+    assert rows["r"].status == "error" and "disk on fire" in rows["r"].detail
+    assert all(rows[k] == alone[k] for k in "pqstu")
 
 
 def test_memory_is_bounded_by_block_bytes(tmp_path):
