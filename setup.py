@@ -1,4 +1,4 @@
-"""Build configuration beyond pyproject.toml: the optional C accelerator for `.metadata`."""
+"""Build configuration beyond pyproject.toml: the optional C accelerators (`.metadata`, FP8)."""
 
 from setuptools import Extension, setup
 
@@ -11,5 +11,8 @@ setup(
             ["dcp_explorer/readers/_dcpscan.c"],
             optional=True,
         ),
+        # FP8 block-scaled dequantization in one pass (dcp_explorer/quant.py); optional: without a
+        # compiler numpy's take + multiply give the same bits, slower
+        Extension("dcp_explorer._kernels", ["dcp_explorer/_kernels.c"], optional=True),
     ],
 )

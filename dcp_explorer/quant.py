@@ -284,6 +284,16 @@ def _merge_stats(into: Any, other: Any) -> None:
         into.by_file[k] = into.by_file.get(k, 0) + v
 
 
+@functools.cache
+def _kernels() -> Any:
+    """The optional compiled kernels (``_kernels.c``), or None where they were not built."""
+    try:
+        from . import _kernels as k
+    except ImportError:
+        return None
+    return k
+
+
 def _fp8_lookup(flat: np.ndarray, out: np.ndarray, stored: str) -> None:
     """float32 values of the 1-byte codes ``flat`` into ``out`` (both 1-D, same length), two codes
     per lookup where ``out`` is 8-byte aligned."""
@@ -316,6 +326,13 @@ def _fp8_rows(codes: np.ndarray, scol: np.ndarray, dst: np.ndarray, stored: str)
     k = scol.shape[0]
     per = n // k  # rows per block-row
     lookup = codes.dtype.itemsize == 1 and stored.startswith("float8")
+    kern = _kernels()
+    if lookup and kern is not None and n and w and dst.flags.c_contiguous and dst.dtype == np.float32:
+        # one pass: look-up and multiply per value (same float32 product, same bits)
+        kern.fp8_rows(
+            np.ascontiguousarray(codes), _code_lut(stored), np.ascontiguousarray(scol), dst, n, w, per
+        )
+        return
     if not lookup:  # 2-byte / 4-byte weights paired with a scale: torch's conversion
         dt = getattr(torch, stored)
         t = torch.from_numpy(codes)
@@ -417,6 +434,12 @@ def _mxfp4_into(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray, dtype_n
         tmp = np.empty(out.shape, out.dtype)
         _mxfp4_into(blocks, scales, tmp, dtype_name)
         out[...] = tmp
+        return
+    kern = _kernels()
+    if kern is not None and blocks.size and scales.size * blocks.shape[-1] == blocks.size:
+        width = blocks.shape[-1]
+        kern.mxfp4_pairs(np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(scales, np.uint8), table,
+                         out, blocks.size // width, width)  # fmt: skip
         return
     idx = np.left_shift(scales.astype(np.uint16), 8)[..., None] | blocks
     np.take(table, idx, out=out.view(table.dtype).reshape(idx.shape), mode="clip")

@@ -195,7 +195,9 @@ def plot_reshard_overlay(
         ax.add_patch(Rectangle((x + inset_x, y + inset_y), w - 2 * inset_x, h - 2 * inset_y, fill=False, ec=col,
                                lw=2.0, ls="--"))  # fmt: skip
         if len(ranks) <= 16:
-            ax.text(x + w / 2, y + h / 2, f"R{r}", color="white", fontsize=8, va="center", ha="center",
+            # kept off the edges: a one-row chunk at row 0 would put its label over the title
+            ylab = min(max(y + h / 2, 0.04 * rows), 0.96 * rows)
+            ax.text(x + w / 2, ylab, f"R{r}", color="white", fontsize=8, va="center", ha="center",
                     fontweight="bold", bbox=dict(boxstyle="round,pad=0.2", fc=col, ec="none"))  # fmt: skip
     ax.set_title(f"{fqn}: saved chunks (fill) vs target ranks {plan.mesh} (dashed)", fontsize=9)
     return ax

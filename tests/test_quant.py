@@ -311,6 +311,43 @@ def test_fp8_array_kernel_directly():
     assert Q.fp8_dequantize(np.zeros((0, 5), np.uint8), np.zeros((0, 1), np.float32)).shape == (0, 5)
 
 
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
+@pytest.mark.parametrize("stored", ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_fp8_compiled_and_numpy_kernels_equal_the_formula(path, stored, monkeypatch):
+    """The one-pass C kernel (``_kernels.fp8_rows``) and numpy's take + multiply give torch's bits: every
+    code of every float8 dtype, odd widths, offsets that leave the output unaligned, and scales that
+    overflow to inf, underflow to subnormals and zero, NaN and -0.0."""
+    if path == "compiled":
+        if Q._kernels() is None:
+            pytest.skip("the _kernels extension is not built (setup.py builds it where a compiler exists)")
+    else:
+        monkeypatch.setattr(Q, "_kernels", lambda: None)
+    dt = getattr(torch, stored)
+    g = torch.Generator().manual_seed(7)
+    for r, c, r0, c0, b in [(70, 301, 3, 5, (16, 16)), (256, 256, 0, 0, (128, 128)), (33, 7, 1, 1, (8, 4))]:
+        w = torch.randint(0, 256, (r, c), generator=g, dtype=torch.uint8)
+        w[0, : min(c, 256)] = torch.arange(min(c, 256), dtype=torch.uint8)  # every code (where wide enough)
+        nb = ((r0 + r - 1) // b[0] - r0 // b[0] + 1, (c0 + c - 1) // b[1] - c0 // b[1] + 1)
+        sc = torch.rand(nb, generator=g) + 0.5
+        specials = [3e38, 1e-40, 0.0, float("nan"), -0.0, -2.0, 1e-30]
+        for i, v in enumerate(specials[: sc.numel()]):
+            sc.view(-1)[i] = v
+        got = Q.fp8_dequantize(w.numpy(), sc.numpy(), r0, c0, b, stored_dtype=stored)
+        full = torch.zeros(r0 + r, c0 + c, dtype=torch.uint8)
+        full[r0:, c0:] = w
+        sfull = torch.zeros((r0 + r - 1) // b[0] + 1, (c0 + c - 1) // b[1] + 1)
+        sfull[r0 // b[0] :, c0 // b[1] :] = sc
+        want = fp8_formula(full.view(dt), sfull, b)[r0:, c0:]
+        # NaN code x NaN scale: which operand's NaN comes out is the CPU's choice (x86 keeps the
+        # first); anywhere else the bits must match, NaN payloads and signs included
+        both = (
+            w.view(dt).float().isnan() & fp8_formula(torch.ones(r0 + r, c0 + c), sfull, b)[r0:, c0:].isnan()
+        )
+        assert bool(got[both].isnan().all())
+        got[both], want[both] = 0.0, 0.0
+        assert_bits(got, want, f"{path} {stored} {r}x{c} at ({r0}, {c0}) blocks {b}")
+
+
 # ----------------------------------------------------------------------------- FP8: regions and shards
 
 
@@ -519,9 +556,16 @@ def test_mxfp4_sample_whole_and_sliced_equal_formula(samples):
         assert_bits(got, raw[MX + stem + "_blocks"], "dequantize=False gives the stored blocks")
 
 
+@pytest.mark.parametrize("path", ["compiled", "numpy"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_mxfp4_every_scale_and_byte_equal_formula(mx_synth, dtype):
-    """All 65,536 (scale, byte) pairs, E8M0 0 (2**-127) and 0xFF (2**128: inf / 2**127) included."""
+def test_mxfp4_every_scale_and_byte_equal_formula(mx_synth, dtype, path, monkeypatch):
+    """All 65,536 (scale, byte) pairs, E8M0 0 (2**-127) and 0xFF (2**128: inf / 2**127) included, with
+    the compiled look-up (``_kernels.mxfp4_pairs``) and with numpy's take."""
+    if path == "compiled":
+        if Q._kernels() is None:
+            pytest.skip("the _kernels extension is not built (setup.py builds it where a compiler exists)")
+    else:
+        monkeypatch.setattr(Q, "_kernels", lambda: None)
     raw = stored(mx_synth)
     ck = opened(mx_synth)
     want = mxfp4_formula(raw["all_blocks"], raw["all_scales"])
@@ -883,3 +927,18 @@ def test_quant_table_of_an_unquantized_checkpoint_is_empty(samples):
     ck = opened(samples["mixed"])
     assert ck.quant.empty and list(ck.quant.columns) == _doc_columns(Q.quant_table)
     assert ck.quant_check().empty
+
+
+def test_compiled_kernels_are_built_where_a_compiler_exists():
+    """setup.py's extensions are optional (a build without a compiler still installs): where a C
+    compiler exists, a silently failed build would only show as slow dequantization, so fail here."""
+    import shutil
+    import sysconfig
+
+    from dcp_explorer.readers import _fast
+
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc}): the numpy paths are used")
+    assert Q._kernels() is not None, "dcp_explorer._kernels was not built"
+    assert _fast.available(), "dcp_explorer.readers._dcpscan was not built"

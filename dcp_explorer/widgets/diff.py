@@ -212,8 +212,8 @@ class DiffViewer:
             self.count,
             self.table,
             self.tensor,
-            w.HBox([self.block, w.Label("statistic"), self.stat, self.draw_button],
-                   layout=w.Layout(align_items="center")),
+            w.HBox([self.block, w.Label("statistic", layout=w.Layout(margin="0 4px 0 16px")), self.stat,
+                    self.draw_button], layout=w.Layout(align_items="center")),
             w.HBox([self.details, self.block_map]),
             self.error,
         ])  # fmt: skip

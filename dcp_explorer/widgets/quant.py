@@ -179,7 +179,8 @@ class QuantViewer:
         self.error_metric.observe(g(self._draw_error), names="value")
 
         controls = w.VBox([self.tensor, w.HBox([self.slices, self.scan_weights]),
-                           w.HBox([w.Label("range map"), self.range_quantity, w.Label("error"), self.error_metric],
+                           w.HBox([w.Label("range map", layout=w.Layout(margin="0 4px 0 8px")), self.range_quantity,
+                                   w.Label("error", layout=w.Layout(margin="0 4px 0 24px")), self.error_metric],
                                   layout=w.Layout(align_items="center"))])  # fmt: skip
         facts = w.HBox([
             w.VBox([w.HTML("<b>ckpt.quant row</b>"), self.row]),

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from ._common import figure_png, frame_html, guarded, new_axes
+from ._common import figure_png, frame_html, guarded, new_axes, png_image
 
 __all__ = ["ReshardExplorer"]
 
@@ -61,9 +61,10 @@ class ReshardExplorer:
         self.tensor = w.Dropdown(options=names, value=names[0] if names else None, description="tensor",
                                  layout=w.Layout(width="520px"))  # fmt: skip
         self.totals = w.HTML()
-        self.rank_bytes = w.Image(format="png")
-        self.traffic = w.Image(format="png")
-        self.overlay = w.Image(format="png")
+        # pictures sized to fill a notebook's width (~1000 px), shrinking with a narrower one
+        self.rank_bytes = png_image()
+        self.traffic = png_image()
+        self.overlay = png_image()
         self.problems = w.HTML()
         self.per_rank = w.HTML()
         self.tabs = w.Tab(
@@ -156,13 +157,13 @@ class ReshardExplorer:
 
         p = self.plan
         if tab == "per-rank bytes":
-            self.rank_bytes.value = figure_png(viz.plot_rank_bytes(p, ax=new_axes((8, 3.2))).figure)
+            self.rank_bytes.value = figure_png(viz.plot_rank_bytes(p, ax=new_axes((12.5, 3.4))).figure)
         elif tab == "traffic":
             self.traffic.value = figure_png(viz.plot_traffic(p, ax=new_axes((6, 4.5))).figure)
         elif tab == "overlay":
             if self.tensor.value:
                 self.overlay.value = figure_png(
-                    viz.plot_reshard_overlay(p, self.tensor.value, ax=new_axes((7, 4))).figure
+                    viz.plot_reshard_overlay(p, self.tensor.value, ax=new_axes((10, 4.4))).figure
                 )
         elif tab == "problems":
             rows = [x for x in p.problems]
