@@ -32,32 +32,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import shutil
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-COMMON = """
-import json, os, sys, time, warnings
-warnings.simplefilter("ignore")
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-def rchar():
-    for line in open("/proc/self/io"):
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-"""
+from _common import PRELUDE, build_once, fmt_runs, measure, run, torch_version, warm
 
 RAW = (
-    COMMON
+    PRELUDE
     + """
 import numpy as np
 mode, dirs = sys.argv[1], sys.argv[2:]
@@ -79,7 +60,7 @@ print(json.dumps({"seconds": dt, "bytes": at, "rchar": rchar() - r0, "peak_rss":
 )
 
 OURS = (
-    COMMON
+    PRELUDE
     + """
 import dcp_explorer
 a, b = sys.argv[1], sys.argv[2]
@@ -94,7 +75,7 @@ print(json.dumps({"seconds": dt, "bytes_read": d.bytes_read, "rchar": rchar() - 
 )
 
 DIST = (
-    COMMON
+    PRELUDE
     + """
 from dcp_explorer.diff import run_distributed
 a, b, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -125,73 +106,18 @@ print(json.dumps(names))
 """
 
 
-def _torch_version() -> str:
-    from importlib.metadata import version
-
-    return version("torch")
-
-
 def build(root: Path, n: int, mib: int) -> Path:
     """The cached trio of checkpoints (built if missing)."""
     cols = 8192
     rows = (mib << 20) // (cols * 4)
-    key = hashlib.sha256(f"bench_diff|1|{_torch_version()}|{n}|{rows}|{cols}".encode()).hexdigest()[:8]
-    d = root / f"diff_{n}x{mib}MiB_{key}"
-    if not (d / "keys.json").exists():
-        tmp = root / f".{d.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", BUILD, str(tmp), str(n), str(rows), str(cols)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-        if out.returncode != 0:
-            raise SystemExit(f"building the checkpoints failed:\n{out.stderr}")
-        (tmp / "keys.json").write_text(out.stdout.strip().splitlines()[-1])
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-        print(f"built {d} in {time.perf_counter() - t:.1f} s")
-    return d
+    key = hashlib.sha256(f"bench_diff|1|{torch_version()}|{n}|{rows}|{cols}".encode()).hexdigest()[:8]
+    return build_once(
+        root / f"diff_{n}x{mib}MiB_{key}", BUILD, n, rows, cols, what="building the checkpoints"
+    )
 
 
 def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file())
-
-
-def warm(*dirs: Path) -> None:
-    """Read every file once (page cache warm)."""
-    buf = bytearray(16 << 20)
-    for d in dirs:
-        for p in sorted(d.iterdir()):
-            if p.is_file():
-                with open(p, "rb", buffering=0) as f:
-                    while f.readinto(buf):
-                        pass
-
-
-def run(code: str, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    env.setdefault("DCP_EXPLORER_CACHE", str(Path.home() / ".cache" / "dcp_explorer_bench" / "parse-cache"))
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark step failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def measure(steps: dict[str, tuple[str, ...]], repeat: int) -> dict[str, dict]:
-    """Each step ``repeat`` times, a fresh process per run, rounds interleaved; fastest kept, highest RSS kept."""
-    runs: dict[str, list[dict]] = {k: [] for k in steps}
-    for _ in range(repeat):
-        for name, (code, *args) in steps.items():
-            runs[name].append(run(code, *args))
-    out = {}
-    for name, rs in runs.items():
-        r = dict(min(rs, key=lambda r: r["seconds"]))
-        r["all_seconds"] = [x["seconds"] for x in rs]
-        r["peak_rss"] = max(x["peak_rss"] for x in rs)
-        out[name] = r
-    return out
 
 
 def main() -> None:
@@ -206,6 +132,8 @@ def main() -> None:
     a = ap.parse_args()
 
     d = build(Path(a.root), a.tensors, a.mib)
+    env = dict(os.environ)  # diff's parse cache: a benchmark one unless the caller names one
+    env.setdefault("DCP_EXPLORER_CACHE", str(Path.home() / ".cache" / "dcp_explorer_bench" / "parse-cache"))
     A, same, step = d / "A", d / "same", d / "step"
     warm(A, same, step)
     sizes = {n: dir_bytes(p) for n, p in (("A", A), ("same", same), ("step", step))}
@@ -221,7 +149,7 @@ def main() -> None:
         "raw step 32MiB": (RAW, "buffer", str(A), str(step)),
         "diff step": (OURS, str(A), str(step)),
     }
-    m = measure(steps, a.repeat)
+    m = measure(steps, a.repeat, env)
     gib, mib = 1 << 30, 1 << 20
     print(f"\n{'':40}{'time (s)':>10}{'GB/s':>8}{'read (MiB)':>12}{'peak RSS (MiB)':>16}")
     for name, r in m.items():
@@ -229,9 +157,7 @@ def main() -> None:
         read = r.get("bytes_read", r.get("bytes"))
         print(f"{name:40}{r['seconds']:>10.3f}{total / r['seconds'] / 1e9:>8.2f}{read / mib:>12.1f}"
               f"{r['peak_rss'] / mib:>16.1f}")  # fmt: skip
-    runs = [f"{n} " + "/".join(f"{s:.3f}" for s in r["all_seconds"])
-            + f" (median {statistics.median(r['all_seconds']):.3f})" for n, r in m.items()]  # fmt: skip
-    print("runs (s): " + "; ".join(runs))
+    print("runs (s): " + "; ".join(f"{n} {fmt_runs(r)}" for n, r in m.items()))
     ok_all = True
     for case in ("same", "step"):
         ours, raw, raw_b = m[f"diff {case}"], m[f"raw {case}"], m[f"raw {case} 32MiB"]
@@ -246,7 +172,7 @@ def main() -> None:
         print(f"  peak RSS {ours['peak_rss'] / mib:.0f} MiB (target <= 512 MiB) {'OK' if rss_ok else 'MISSED'};"
               f" raw np.fromfile of both: {raw['peak_rss'] / gib:.2f} GiB")  # fmt: skip
     if a.nproc > 1:
-        r = run(DIST, str(A), str(step), str(a.nproc))
+        r = run(DIST, str(A), str(step), str(a.nproc), env=env)
         total = sizes["A"] + sizes["step"]
         print(f"\ndiff A vs step on {r['world_size']} local gloo processes: {r['seconds']:.3f} s in the job "
               f"({total / r['seconds'] / 1e9:.2f} GB/s, {m['raw step']['seconds'] / r['seconds']:.2f}x raw), "

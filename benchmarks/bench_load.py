@@ -27,32 +27,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _common import PRELUDE, build_once, fmt_runs, measure, torch_version, warm
 
-# VmHWM of the process's own address space: unlike ru_maxrss it does not inherit the
-# parent's high-water mark across fork+exec.
-COMMON = """
-import json, os, sys, time, warnings
-warnings.simplefilter("ignore")
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-def rchar():
-    for line in open("/proc/self/io"):
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
+COMMON = (
+    PRELUDE
+    + """
 path = sys.argv[1]
 keys = json.loads(sys.argv[2])
 """
+)
 
 RAW = (
     COMMON
@@ -140,72 +125,13 @@ print(json.dumps(sorted(sd)))
 """
 
 
-def _torch_version() -> str:
-    from importlib.metadata import version
-
-    return version("torch")
-
-
 def build(root: Path, n: int, mib: int) -> tuple[Path, list[str]]:
     """The cached checkpoint (built if missing) and its tensor names."""
     cols = 8192
     rows = (mib << 20) // (cols * 4)
-    key = hashlib.sha256(f"bench_load|1|{_torch_version()}|{n}|{rows}|{cols}".encode()).hexdigest()[:8]
-    d = root / f"load_{n}x{mib}MiB_{key}"
-    names_file = d / "keys.json"
-    if not names_file.exists():
-        tmp = root / f".{d.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", BUILD, str(tmp), str(n), str(rows), str(cols)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
-        if out.returncode != 0:
-            raise SystemExit(f"building the sample failed:\n{out.stderr}")
-        (tmp / "keys.json").write_text(out.stdout.strip().splitlines()[-1])
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
-        print(f"built {d} in {time.perf_counter() - t:.1f} s")
-    return d, json.loads(names_file.read_text())
-
-
-def warm(d: Path) -> int:
-    """Read every file once (page cache warm); returns the bytes read."""
-    total = 0
-    buf = bytearray(16 << 20)
-    for p in sorted(d.iterdir()):
-        if p.is_file():
-            with open(p, "rb", buffering=0) as f:
-                while k := f.readinto(buf):
-                    total += k
-    return total
-
-
-def run(code: str, *args: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark step failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def measure(steps: dict[str, tuple[str, ...]], repeat: int) -> dict[str, dict]:
-    """Each step ``repeat`` times, a fresh process per run, rounds interleaved (so a burst of load
-    from other processes on the machine hits every step alike); the fastest run of each step is
-    kept, with every run's time and the highest peak RSS."""
-    runs: dict[str, list[dict]] = {k: [] for k in steps}
-    for _ in range(repeat):
-        for name, (code, *args) in steps.items():
-            runs[name].append(run(code, *args))
-    out = {}
-    for name, rs in runs.items():
-        r = dict(min(rs, key=lambda r: r["seconds"]))
-        r["all_seconds"] = [x["seconds"] for x in rs]
-        r["peak_rss"] = max(x["peak_rss"] for x in rs)
-        out[name] = r
-    return out
+    key = hashlib.sha256(f"bench_load|1|{torch_version()}|{n}|{rows}|{cols}".encode()).hexdigest()[:8]
+    d = build_once(root / f"load_{n}x{mib}MiB_{key}", BUILD, n, rows, cols, what="building the sample")
+    return d, json.loads((d / "keys.json").read_text())
 
 
 def main() -> None:
@@ -253,7 +179,7 @@ def main() -> None:
         print(
             f"{name:34}{r['seconds']:>10.3f}{rate_s}{read_s}{r['rchar'] / mib:>13.2f}{r['peak_rss'] / gib:>16.2f}"
         )
-    print("runs (s): " + "; ".join(f"{n} {_fmt(m[n])}" for n in m))
+    print("runs (s): " + "; ".join(f"{n} {fmt_runs(m[n])}" for n in m))
 
     ra = ref["seconds"] / ours["seconds"]
     rb = gbs(ours) / gbs(raw_ff)
@@ -272,13 +198,6 @@ def main() -> None:
           f"torch/ours = {ref_s['seconds'] / ours_s['seconds']:.0f}x")  # fmt: skip
     print(f"    peak RSS: full ours {ours['peak_rss'] / gib:.2f} GiB vs torch {ref['peak_rss'] / gib:.2f} GiB; "
           f"slice ours {ours_s['peak_rss'] / gib:.2f} GiB vs torch {ref_s['peak_rss'] / gib:.2f} GiB")  # fmt: skip
-
-
-def _fmt(r: dict) -> str:
-    return (
-        "/".join(f"{s:.3f}" for s in r["all_seconds"])
-        + f" (median {statistics.median(r['all_seconds']):.3f})"
-    )
 
 
 if __name__ == "__main__":

@@ -17,28 +17,16 @@ Targets at 1024 ranks: (2) <= 1/5 of (1)'s time and <= 1/4 of its peak RSS; reop
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-
-# VmHWM of the process's own address space: unlike ru_maxrss it does not inherit the
-# parent's high-water mark across fork+exec.
-PEAK = """
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-"""
+from _common import PRELUDE, run
+from synthetic import synthetic_dir
 
 PICKLE = (
-    PEAK
+    PRELUDE
     + """
-import json, pickle, sys, time
+import pickle
 import torch.distributed.checkpoint  # the classes the pickle names
 t = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
@@ -50,9 +38,8 @@ print(json.dumps({"seconds": dt, "peak_rss": peak_rss(), "chunks": n}))
 )
 
 OURS = (
-    PEAK
+    PRELUDE
     + """
-import json, sys, time
 t = time.perf_counter()
 import dcp_explorer
 ck = dcp_explorer.open(sys.argv[1])
@@ -66,32 +53,20 @@ print(json.dumps({"seconds": dt, "open_seconds": t_open, "from_cache": ck.from_c
 )
 
 
-def run(code: str, arg: str, env: dict[str, str]) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", code, arg], env=env, capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark step failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="405b")
     ap.add_argument("--ranks", type=int, default=1024)
     ap.add_argument("--root", default=None, help="where the synthetic metadata is kept")
     a = ap.parse_args()
-    sys.path.insert(0, str(HERE))
-    from synthetic import synthetic_dir
-
     d = synthetic_dir(a.size, a.ranks, a.root)
     meta = d / ".metadata"
     print(f"synthetic Llama-{a.size} FSDP x {a.ranks} ranks: {meta} ({meta.stat().st_size / 1e6:.0f} MB)")
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, DCP_EXPLORER_CACHE=cache)
-        ref = run(PICKLE, str(meta), env)
-        cold = run(OURS, str(d), env)
-        warm = run(OURS, str(d), env)
+        ref = run(PICKLE, str(meta), env=env)
+        cold = run(OURS, str(d), env=env)
+        warm = run(OURS, str(d), env=env)
     assert cold["chunks"] == ref["chunks"] == warm["chunks"], (cold, ref, warm)
     assert not cold["from_cache"] and warm["from_cache"]
     gb = 1 << 30

@@ -33,25 +33,13 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve().parent
-
-
-def peak_rss() -> int:
-    """VmHWM of this process (bytes); unlike ru_maxrss not inherited across fork+exec."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return -1
-
+from _common import peak_rss, run_json
 
 # --------------------------------------------------------------------------------------------
 # ReadItems as numpy arrays: fqn (str) + one int64 row per item
@@ -165,15 +153,13 @@ def worker_torch(a: argparse.Namespace) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    from torch.distributed.tensor.placement_types import _StridedShard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from dcp_explorer.layout import Replicate as R_
-    from dcp_explorer.layout import Shard as S_
     from dcp_explorer.layout import parse_mesh
     from dcp_explorer.plan import resolve_placements
+    from dcp_explorer.verify import _torch_placements
 
     t = time.perf_counter()
     md = FileSystemReader(a.dir).read_metadata()
@@ -183,17 +169,6 @@ def worker_torch(a: argparse.Namespace) -> None:
     world = mesh_spec.size
     rule = resolve_placements(mesh_spec, None, a.preset)
 
-    def torch_pls(pls):
-        out = []
-        for p in pls:
-            if isinstance(p, R_):
-                out.append(Replicate())
-            elif isinstance(p, S_):
-                out.append(Shard(p.dim))
-            else:
-                out.append(_StridedShard(p.dim, split_factor=p.split_factor))
-        return tuple(out)
-
     entries = list(md.state_dict_metadata.items())  # checkpoint order
     width = max([1] + [len(v.size) for _, v in entries if not isinstance(v, BytesStorageMetadata)])
     pls_of = {}
@@ -201,7 +176,7 @@ def worker_torch(a: argparse.Namespace) -> None:
         if not isinstance(v, BytesStorageMetadata):
             shape = tuple(v.size)
             p = rule(fqn, shape)
-            pls_of[fqn] = None if p is None else torch_pls(p)
+            pls_of[fqn] = None if p is None else tuple(_torch_placements(p))
     mapping = {
         fqn: tuple(md.planner_data.get(fqn, (fqn,))) if md.planner_data else (fqn,) for fqn, _ in entries
     }
@@ -286,10 +261,7 @@ def worker_torch(a: argparse.Namespace) -> None:
 def run(mode: str, a: argparse.Namespace, out: str, ranks: list[int], env: dict[str, str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--_worker={mode}", f"--_dir={a.dir}", f"--_out={out}",
            f"--_ranks={','.join(map(str, ranks))}", f"--mesh={a.mesh}", f"--preset={a.preset}"]  # fmt: skip
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
-    if p.returncode != 0:
-        raise SystemExit(f"benchmark step {mode!r} failed (exit {p.returncode})")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_json(cmd, env=env, what=f"benchmark step {mode!r}", stderr=True)
 
 
 def compare(ranks: list[int], ours_npz: str, torch_npz: str, width: int) -> list[str]:
@@ -338,7 +310,6 @@ def main() -> None:
         (worker_ours if a._worker == "ours" else worker_torch)(a)
         return
 
-    sys.path.insert(0, str(HERE))
     from synthetic import synthetic_dir
 
     from dcp_explorer.layout import parse_mesh

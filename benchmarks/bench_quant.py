@@ -40,7 +40,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _common import run, warm
+
 ROOT = Path(os.environ.get("DCP_EXPLORER_BENCH", Path.home() / ".cache" / "dcp_explorer_bench"))
 VERSION = "quant-1"
 
@@ -168,20 +169,8 @@ def _build(kind: str, name: str, shape: tuple[int, ...]) -> Path:
     return out
 
 
-def _warm(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            while fh.read(64 << 20):
-                pass
-
-
 def _run(threads: str, case: str, path: Path, name: str, repeat: int, region: object) -> dict[str, object]:
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", MEASURE, threads, case, str(path), name, str(repeat), json.dumps(region)],
-                       capture_output=True, text=True, env=env)  # fmt: skip
-    if p.returncode:
-        raise SystemExit(f"{case} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run(MEASURE, threads, case, str(path), name, str(repeat), json.dumps(region), what=case)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fp8 = _build("fp8", FP8_NAME, FP8_SHAPE)
     mx = _build("mxfp4", MX_NAME, MX_SHAPE)
-    _warm(fp8), _warm(mx)
+    warm(fp8, mx)
     e = 7  # an expert in the middle
     cases = [
         ("fp8_whole", fp8, FP8_NAME, None, "a. FP8 [7168, 18432] whole"),

@@ -15,19 +15,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    ByteRangeError,
-    ChunkFileMissing,
-    DcpExplorerError,
-    IndexFileError,
-    MemoryBudgetError,
-    MetadataError,
-    NotACheckpointError,
-    ReadTimeoutError,
-    SafetensorsHeaderError,
-    UnsafePickleError,
-    UnsupportedError,
-)
+from . import errors
+from .errors import *  # noqa: F403 - every error class is public; errors.__all__ lists them
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -36,25 +25,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "open",
-    "simulate_load",
-    "diff",
-    "Checkpoint",
-    "LoadPlan",
-    "DcpExplorerError",
-    "NotACheckpointError",
-    "MetadataError",
-    "UnsafePickleError",
-    "ChunkFileMissing",
-    "ByteRangeError",
-    "SafetensorsHeaderError",
-    "IndexFileError",
-    "UnsupportedError",
-    "ReadTimeoutError",
-    "MemoryBudgetError",
-]
+__all__ = ["__version__", "open", "simulate_load", "diff", "Checkpoint", "LoadPlan"]
+__all__ += errors.__all__
 
 
 def open(  # noqa: A001 - the public verb, like xarray.open_dataset

@@ -33,52 +33,67 @@ get(PyObject *obj, Py_buffer *view, int writable, const char *what)
     return 0;
 }
 
+/* Acquire the buffers of objs[0..n) into views[0..n), C-contiguous, the last one (every kernel's
+ * output) writable. On failure, release those already acquired and return -1 with TypeError set. */
+static int
+get_all(PyObject *const *objs, Py_buffer *views, const char *const *names, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (get(objs[i], &views[i], i == n - 1, names[i]) < 0) {
+            while (i-- > 0)
+                PyBuffer_Release(&views[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A kernel's end: release views[0..n), then None, or ValueError "kernel: bad" when bad is set. */
+static PyObject *
+finish(Py_buffer *views, int n, const char *kernel, const char *bad)
+{
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+    if (bad != NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: %s", kernel, bad);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 fp8_rows(PyObject *self, PyObject *args)
 {
-    PyObject *o_codes, *o_lut, *o_scol, *o_out;
+    static const char *const names[] = {"codes", "lut", "scol", "out"};
+    PyObject *objs[4];
+    Py_buffer v[4];
+    const Py_buffer *codes = &v[0], *lut = &v[1], *scol = &v[2], *out = &v[3];
     Py_ssize_t n, w, per;
-    Py_buffer codes, lut, scol, out;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOnnn", &o_codes, &o_lut, &o_scol, &o_out, &n, &w, &per))
+    if (!PyArg_ParseTuple(args, "OOOOnnn", &objs[0], &objs[1], &objs[2], &objs[3], &n, &w, &per))
         return NULL;
     if (n < 0 || w < 0 || per <= 0) {
         PyErr_SetString(PyExc_ValueError, "fp8_rows: need n >= 0, w >= 0, per > 0");
         return NULL;
     }
-    if (get(o_codes, &codes, 0, "codes") < 0)
+    if (get_all(objs, v, names, 4) < 0)
         return NULL;
-    if (get(o_lut, &lut, 0, "lut") < 0) {
-        PyBuffer_Release(&codes);
-        return NULL;
-    }
-    if (get(o_scol, &scol, 0, "scol") < 0) {
-        PyBuffer_Release(&codes);
-        PyBuffer_Release(&lut);
-        return NULL;
-    }
-    if (get(o_out, &out, 1, "out") < 0) {
-        PyBuffer_Release(&codes);
-        PyBuffer_Release(&lut);
-        PyBuffer_Release(&scol);
-        return NULL;
-    }
     Py_ssize_t k = n ? (n - 1) / per + 1 : 0;
     const char *bad = NULL;
-    if (codes.len < n * w)
+    if (codes->len < n * w)
         bad = "codes is shorter than n * w bytes";
-    else if (lut.len != 256 * (Py_ssize_t)sizeof(float))
+    else if (lut->len != 256 * (Py_ssize_t)sizeof(float))
         bad = "lut must hold 256 float32";
-    else if (scol.len < k * w * (Py_ssize_t)sizeof(float))
+    else if (scol->len < k * w * (Py_ssize_t)sizeof(float))
         bad = "scol is shorter than ceil(n / per) * w float32";
-    else if (out.len < n * w * (Py_ssize_t)sizeof(float))
+    else if (out->len < n * w * (Py_ssize_t)sizeof(float))
         bad = "out is shorter than n * w float32";
     if (bad == NULL) {
-        const uint8_t *c = (const uint8_t *)codes.buf;
-        const float *s0 = (const float *)scol.buf;
-        float *o = (float *)out.buf;
+        const uint8_t *c = (const uint8_t *)codes->buf;
+        const float *s0 = (const float *)scol->buf;
+        float *o = (float *)out->buf;
         float table[256];
-        memcpy(table, lut.buf, sizeof(table));
+        memcpy(table, lut->buf, sizeof(table));
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t i = 0; i < n; i++) {
             const uint8_t *ci = c + i * w;
@@ -89,66 +104,45 @@ fp8_rows(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&codes);
-    PyBuffer_Release(&lut);
-    PyBuffer_Release(&scol);
-    PyBuffer_Release(&out);
-    if (bad != NULL) {
-        PyErr_Format(PyExc_ValueError, "fp8_rows: %s", bad);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return finish(v, 4, "fp8_rows", bad);
 }
 
 static PyObject *
 mxfp4_pairs(PyObject *self, PyObject *args)
 {
-    PyObject *o_blocks, *o_scales, *o_table, *o_out;
+    static const char *const names[] = {"blocks", "scales", "table", "out"};
+    PyObject *objs[4];
+    Py_buffer v[4];
+    const Py_buffer *blocks = &v[0], *scales = &v[1], *table = &v[2], *out = &v[3];
     Py_ssize_t groups, width;
-    Py_buffer blocks, scales, table, out;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOOOnn", &o_blocks, &o_scales, &o_table, &o_out, &groups, &width))
+    if (!PyArg_ParseTuple(args, "OOOOnn", &objs[0], &objs[1], &objs[2], &objs[3], &groups, &width))
         return NULL;
     if (groups < 0 || width < 0) {
         PyErr_SetString(PyExc_ValueError, "mxfp4_pairs: need groups >= 0, width >= 0");
         return NULL;
     }
-    if (get(o_blocks, &blocks, 0, "blocks") < 0)
+    if (get_all(objs, v, names, 4) < 0)
         return NULL;
-    if (get(o_scales, &scales, 0, "scales") < 0) {
-        PyBuffer_Release(&blocks);
-        return NULL;
-    }
-    if (get(o_table, &table, 0, "table") < 0) {
-        PyBuffer_Release(&blocks);
-        PyBuffer_Release(&scales);
-        return NULL;
-    }
-    if (get(o_out, &out, 1, "out") < 0) {
-        PyBuffer_Release(&blocks);
-        PyBuffer_Release(&scales);
-        PyBuffer_Release(&table);
-        return NULL;
-    }
-    Py_ssize_t isz = table.len / 65536;
+    Py_ssize_t isz = table->len / 65536;
     const char *bad = NULL;
-    if (table.len != 65536 * isz || (isz != 4 && isz != 8))
+    if (table->len != 65536 * isz || (isz != 4 && isz != 8))
         bad = "table must hold 65536 items of 4 or 8 bytes";
-    else if (blocks.len < groups * width)
+    else if (blocks->len < groups * width)
         bad = "blocks is shorter than groups * width bytes";
-    else if (scales.len < groups)
+    else if (scales->len < groups)
         bad = "scales is shorter than groups bytes";
-    else if (out.len < groups * width * isz)
+    else if (out->len < groups * width * isz)
         bad = "out is shorter than groups * width items";
-    else if (((uintptr_t)out.buf | (uintptr_t)table.buf) % (uintptr_t)isz)
+    else if (((uintptr_t)out->buf | (uintptr_t)table->buf) % (uintptr_t)isz)
         bad = "out and table must be aligned to the item size";
     if (bad == NULL) {
-        const uint8_t *b = (const uint8_t *)blocks.buf;
-        const uint8_t *sc = (const uint8_t *)scales.buf;
+        const uint8_t *b = (const uint8_t *)blocks->buf;
+        const uint8_t *sc = (const uint8_t *)scales->buf;
         Py_BEGIN_ALLOW_THREADS
         if (isz == 8) {
-            const uint64_t *t = (const uint64_t *)table.buf;
-            uint64_t *o = (uint64_t *)out.buf;
+            const uint64_t *t = (const uint64_t *)table->buf;
+            uint64_t *o = (uint64_t *)out->buf;
             for (Py_ssize_t g = 0; g < groups; g++) {
                 const uint64_t *tg = t + ((size_t)sc[g] << 8);
                 const uint8_t *bg = b + g * width;
@@ -158,8 +152,8 @@ mxfp4_pairs(PyObject *self, PyObject *args)
             }
         }
         else {
-            const uint32_t *t = (const uint32_t *)table.buf;
-            uint32_t *o = (uint32_t *)out.buf;
+            const uint32_t *t = (const uint32_t *)table->buf;
+            uint32_t *o = (uint32_t *)out->buf;
             for (Py_ssize_t g = 0; g < groups; g++) {
                 const uint32_t *tg = t + ((size_t)sc[g] << 8);
                 const uint8_t *bg = b + g * width;
@@ -170,15 +164,7 @@ mxfp4_pairs(PyObject *self, PyObject *args)
         }
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&blocks);
-    PyBuffer_Release(&scales);
-    PyBuffer_Release(&table);
-    PyBuffer_Release(&out);
-    if (bad != NULL) {
-        PyErr_Format(PyExc_ValueError, "mxfp4_pairs: %s", bad);
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    return finish(v, 4, "mxfp4_pairs", bad);
 }
 
 static PyMethodDef methods[] = {

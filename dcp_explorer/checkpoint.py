@@ -15,6 +15,7 @@ import numpy as np
 
 from . import cache as _cache
 from .errors import ByteRangeError, ChunkFileMissing, DcpExplorerError, MetadataError
+from .html import fmt_bytes
 from .model import CheckpointIndex, ChunkInfo, TensorInfo
 from .readers import get_reader, guess_reader
 from .store import Store, open_store
@@ -271,7 +272,7 @@ class Checkpoint:
         s = self.summary()
         return (
             f"<dcp_explorer.Checkpoint {s['format']} {self.path!r}: {s['num_tensors']} tensors, "
-            f"{s['num_bytes_items']} bytes items, {s['num_chunks']} chunks, {_fmt_bytes(s['tensor_bytes'])} "
+            f"{s['num_bytes_items']} bytes items, {s['num_chunks']} chunks, {fmt_bytes(s['tensor_bytes'])} "
             f"in {s['num_files']} files>"
         )
 
@@ -279,14 +280,6 @@ class Checkpoint:
         from .html import checkpoint_html
 
         return checkpoint_html(self)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _layout_problems(index: CheckpointIndex, where: str) -> list[str]:
@@ -435,17 +428,9 @@ def _validate(index: CheckpointIndex, store: Store, strict: bool) -> list[str]:
         problems.append(str(exc))
 
     sizes = np.full(len(index.files), -1, np.int64)
-    root_real = os.path.realpath(store.root) if store.is_local else None
     for i, f in enumerate(index.files):
         _check_relative(f, store.display(f))
-        if root_real is not None:
-            real = os.path.realpath(store.full_path(f))
-            if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
-                raise MetadataError(
-                    f"data file {f!r} resolves to {real}, outside the checkpoint directory (a symlink?); "
-                    "refusing to read outside it",
-                    path=store.display(f),
-                )
+        store.check_inside(f)
         try:
             sizes[i] = store.size(f)
         except ChunkFileMissing:

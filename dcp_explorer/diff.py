@@ -57,8 +57,6 @@ import math
 import os
 import pathlib
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _procs
 from .errors import DcpExplorerError
 from .model import KIND_BYTES
 
@@ -2085,8 +2084,6 @@ def _torchrun(args: argparse.Namespace) -> CheckpointDiff | None:
     :func:`_assign` gives it; rank 0 puts the gathered rows into its own plan, so the report
     is the one a single process makes.
     """
-    from datetime import timedelta
-
     import torch
     import torch.distributed as dist
 
@@ -2095,8 +2092,8 @@ def _torchrun(args: argparse.Namespace) -> CheckpointDiff | None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=float(args.timeout)))
-    try:
+    # torchrun's group (env://), or that of the workers run_distributed started (rank 0's port file)
+    with _procs.process_group(backend, timeout=float(args.timeout)):
         t0 = time.perf_counter()
         rank, world = dist.get_rank(), dist.get_world_size()
         part: CheckpointDiff | None = None
@@ -2125,14 +2122,6 @@ def _torchrun(args: argparse.Namespace) -> CheckpointDiff | None:
             seconds=time.perf_counter() - t0, bytes_read=sum(int(p["bytes_read"]) for p in out),
             world_size=world, warnings=part.warnings, options=part.options,
         )  # fmt: skip
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_distributed(a: str | os.PathLike[str], b: str | os.PathLike[str], nproc: int = 2, *,
@@ -2173,58 +2162,20 @@ def run_distributed(a: str | os.PathLike[str], b: str | os.PathLike[str], nproc:
     argv += ["--block-mib", repr(kwargs.pop("block_bytes", 32 << 20) / (1 << 20))]
     if kwargs:
         raise TypeError(f"run_distributed: unsupported arguments {sorted(kwargs)}")
-    pkg_parent = str(pathlib.Path(__file__).resolve().parents[1])
-    for attempt in range(3):
-        with tempfile.TemporaryDirectory(prefix="dcpx-diff-") as d:
-            tmp = pathlib.Path(d)
-            out = tmp / "result.json"
-            env = dict(os.environ)
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(nproc),
-                       OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", LOCAL_WORLD_SIZE=str(nproc))  # fmt: skip
-            env.setdefault("PYTHONWARNINGS", "ignore")
-            if sys.platform.startswith("linux"):
-                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
-            procs, logs = [], []
-            for rank in range(nproc):
-                log = tmp / f"rank{rank}.log"
-                logs.append(log)
-                with open(log, "wb") as fh:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "dcp_explorer.diff", *argv, "--json", "--out", str(out),
-                         "--backend", "gloo", "--timeout", str(timeout)],
-                        stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                        env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                    ))  # fmt: skip
-            deadline = time.monotonic() + timeout
-            try:
-                while any(p.poll() is None for p in procs):
-                    if time.monotonic() > deadline:
-                        raise DcpExplorerError(f"diff workers timed out after {timeout:.0f} s\n"
-                                               + _tail(logs[0]))  # fmt: skip
-                    time.sleep(0.05)
-            finally:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                    p.wait()
-            codes = [p.returncode for p in procs]
-            text = "\n".join(lg.read_text(errors="replace") for lg in logs if lg.exists()).lower()
-            if out.exists() and all(c in (0, 1) for c in codes):
-                return CheckpointDiff.from_dict(json.loads(out.read_text()))
-            if ("address already in use" in text or "eaddrinuse" in text) and attempt < 2:
-                continue
-            raise DcpExplorerError(f"diff workers exited with codes {codes}\n"
-                                   + "\n".join(_tail(lg) for lg in logs))  # fmt: skip
-    raise DcpExplorerError("could not find a free port for the diff workers")  # pragma: no cover
-
-
-def _tail(path: pathlib.Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        text = ["<no log>"]
-    return f"--- {path.name} ---\n" + "\n".join(text)
+    # one attempt: the workers' store binds a port of the OS's choosing (dcp_explorer._procs), so
+    # there is no port race to retry
+    with tempfile.TemporaryDirectory(prefix="dcpx-diff-") as d:
+        tmp = pathlib.Path(d)
+        out = tmp / "result.json"
+        args = ["-m", "dcp_explorer.diff", *argv, "--json", "--out", str(out), "--backend", "gloo"]
+        workers = _procs.start([*args, "--timeout", str(timeout)], nproc, tmp)
+        # exit status 1 is "different"; 2 (an error, or rows with errors) fails the run
+        workers.wait(timeout, what=f"the {nproc} diff workers", error=DcpExplorerError, ok=(0, 1))
+        if not out.exists():
+            raise DcpExplorerError(
+                f"the {nproc} diff workers exited but rank 0 wrote no result\n" + workers.tail(0)
+            )
+        return CheckpointDiff.from_dict(json.loads(out.read_text()))
 
 
 # ============================================================================================

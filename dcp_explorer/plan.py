@@ -158,6 +158,9 @@ class ReadItemsPattern:
     """int64 [R, ndim]: shape of each rank's local chunk."""
     participating: np.ndarray
     """bool [R]: whether the rank plans this tensor at all."""
+    storage_index: np.ndarray | None = None
+    """int64 [P] or None: ``storage_index.index`` where it is not ``chunk`` (a checkpoint with per-rank
+    metadata: rank r plans against ``__r.metadata``, whose chunk list holds only what rank r saved)."""
 
     @cached_property
     def numel(self) -> np.ndarray:
@@ -407,7 +410,9 @@ class Problem:
     """The flat name concerned."""
     kind: str
     """``missing_key``, ``size_mismatch``, ``type_mismatch``, ``unexpected_key``, ``dtype_mismatch``,
-    ``empty_shard``, ``placement_error``."""
+    ``empty_shard``, ``placement_error``, ``quantized``, ``per_rank_metadata`` (saved with
+    ``use_collectives=False``), ``partial_load`` (with per-rank metadata: a rank's shard only partly
+    covered by what its own saving rank wrote; torch leaves the rest untouched)."""
     severity: str
     """``error`` (torch raises), ``warning`` (loads but probably not as meant) or ``info``."""
     reason: str
@@ -571,7 +576,8 @@ class LoadPlan:
     """
 
     def __init__(self, index: CheckpointIndex, mesh: Mesh, order: list[tuple[str, int, int | None]],
-                 groups: list[_Group], problems: list[Problem], reader: str, storage: str) -> None:  # fmt: skip
+                 groups: list[_Group], problems: list[Problem], reader: str, storage: str,
+                 per_rank: frozenset[int] | None = None) -> None:  # fmt: skip
         self.index = index
         self.mesh = mesh
         self._order = order  # (fqn as loaded, checkpoint entry, group id or None for bytes)
@@ -579,6 +585,7 @@ class LoadPlan:
         self.problems: tuple[Problem, ...] = tuple(problems)
         self.reader = reader
         self.storage = storage
+        self._per_rank = per_rank  # per-rank metadata: ranks with their own __r.metadata
 
     # -- basics ---------------------------------------------------------------------------
     @property
@@ -641,14 +648,28 @@ class LoadPlan:
         )
         return out
 
-    def _bytes_reads(self) -> Iterable[tuple[int, int]]:
-        """(file index, byte length) of each bytes item the plan loads (every rank reads it whole)."""
+    def _bytes_locs(self, e: int) -> dict[int | None, tuple[int, int, int, int]]:
+        """Where loading ranks read bytes item ``e``: ``{None: loc}`` (every rank, the first copy), or
+        with per-rank metadata ``{r: loc}`` (rank r reads the copy in its own ``__r_*.distcp``)."""
         idx = self.index
+        first = idx.bytes_items.get(e)
+        if first is None:
+            return {}
+        if self._per_rank is None:
+            return {None: first}
+        out: dict[int | None, tuple[int, int, int, int]] = {}
+        for loc in [first] + [cp[1:] for cp in idx.bytes_copies if cp[0] == e]:
+            r = _file_rank(idx.files[loc[0]]) if loc[0] >= 0 else None
+            if r is not None and r in self._per_rank and r < self.world_size:
+                out.setdefault(r, loc)
+        return out
+
+    def _bytes_reads(self) -> Iterable[tuple[int, int, np.ndarray | slice]]:
+        """(file index, byte length, loading ranks) of each bytes item the plan loads (read whole)."""
         for _fqn, e, gid in self._order:
             if gid is None and e >= 0:
-                loc = idx.bytes_items.get(e)
-                if loc is not None:
-                    yield loc[0], loc[2]
+                for r, loc in self._bytes_locs(e).items():
+                    yield loc[0], loc[2], (slice(None) if r is None else np.array([r]))
 
     @cached_property
     def _summary(self) -> dict[str, Any]:
@@ -688,13 +709,13 @@ class LoadPlan:
             ok = files >= 0
             file_bytes += np.bincount(files[ok], weights=w[ok], minlength=nf)
             touched[files[ok], ranks_up[ok]] = True
-        for f, ln in self._bytes_reads():
-            items += 1
-            needed += ln
-            read += ln
+        for f, ln, rs in self._bytes_reads():
+            items[rs] += 1
+            needed[rs] += ln
+            read[rs] += ln
             if f >= 0:
-                file_bytes[f] += ln * R
-                touched[f, :] = True
+                file_bytes[f] += ln * (R if isinstance(rs, slice) else len(rs))
+                touched[f, rs] = True
         return dict(items=items, needed=needed, read=read, rank_nfiles=np.count_nonzero(touched, axis=0),
                     file_bytes=file_bytes, file_nranks=np.count_nonzero(touched, axis=1))  # fmt: skip
 
@@ -712,13 +733,13 @@ class LoadPlan:
             ranks_up = np.broadcast_to(p.rank[None, :], saving.shape)
             traffic += np.bincount((saving * R + ranks_up).ravel(), weights=w.ravel(), minlength=nsave * R)
         traffic = traffic.reshape(nsave, R)
-        for f, ln in self._bytes_reads():
+        for f, ln, rs in self._bytes_reads():
             # bytes items have no saving-rank row: the file's rank
             sr = memo.file_saving_rank.get(f)
             if sr is None:
                 sr = memo.file_saving_rank[f] = (int(c.rank[np.flatnonzero(c.file == f)[0]]) + 1
                                                  if f >= 0 and (c.file == f).any() else 0)  # fmt: skip
-            traffic[sr] += ln
+            traffic[sr, rs] += ln
         return traffic
 
     def _group_storage(self, ents: np.ndarray) -> tuple[Any, ...]:
@@ -869,9 +890,11 @@ class LoadPlan:
                 raise ValueError(f"rank {r} is not in the target mesh of {self.world_size} ranks")
             for fqn, e, gid in self._order:
                 if gid is None:
-                    if e < 0 or e not in idx.bytes_items:
+                    locs = self._bytes_locs(e) if e >= 0 else {}
+                    loc = locs.get(None, locs.get(r))
+                    if loc is None:
                         continue
-                    f, o, ln, _t = idx.bytes_items[e]
+                    f, o, ln, _t = loc
                     vals = (r, fqn, "bytes", None, (0,), None, None, (0,), (0,),
                             idx.files[f] if f >= 0 else None, o, ln, ln)  # fmt: skip
                     for k, v in zip(cols, vals, strict=True):
@@ -884,13 +907,15 @@ class LoadPlan:
                 cs = int(idx.chunk_start[e])
                 isz = self._itemsize[e]
                 dest_off = tuple(int(x) for x in p.local_offsets[r])
+                sidx = p.storage_index
                 for q in range(a, b):
                     j = int(p.chunk[q])
                     row = cs + j
                     ca, cb = int(c.coord_start[row]), int(c.coord_start[row + 1])
                     f = int(c.file[row])
                     vals = (r, fqn, "tensor", dest_off, tuple(p.dest_offsets[q].tolist()),
-                            tuple(c.offsets[ca:cb].tolist()), j, tuple(p.storage_offsets[q].tolist()),
+                            tuple(c.offsets[ca:cb].tolist()), j if sidx is None else int(sidx[q]),
+                            tuple(p.storage_offsets[q].tolist()),
                             tuple(p.lengths[q].tolist()), idx.files[f] if f >= 0 else None,
                             int(c.byte_offset[row]), int(c.byte_length[row]), int(p.numel[q] * isz))  # fmt: skip
                     for k, v in zip(cols, vals, strict=True):
@@ -943,6 +968,73 @@ class LoadPlan:
         return plan_html(self)
 
 
+_RANK_FILE = re.compile(r"(?:^|/)__(\d+)_\d+\.distcp$")
+
+
+def _file_rank(name: str) -> int | None:
+    """The saving rank in a DCP data file's name (``__{rank}_{n}.distcp``), else None."""
+    m = _RANK_FILE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _per_rank_pattern(
+    so: np.ndarray, ss: np.ndarray, lo: np.ndarray, ls: np.ndarray, saver: np.ndarray, ranks: set[int]
+) -> ReadItemsPattern:
+    """The reads of one layout group when rank r plans against ``__r.metadata`` alone: rank r's local
+    chunk against the saved chunks saving rank r wrote (torch's sweep then sees only those), with
+    ``storage_index.index`` their place in that rank's list. A rank whose metadata lacks the tensor
+    does not participate (see :func:`_per_rank_problems`)."""
+    R, nd = lo.shape
+    part = np.zeros(R, bool)
+    rows: list[tuple[np.ndarray, ...]] = []
+    for r in range(R):
+        mine = np.flatnonzero(saver == r) if r in ranks else np.zeros(0, np.int64)
+        if len(mine) == 0:
+            continue
+        part[r] = True
+        sub = read_items_pattern(so[mine], ss[mine], lo[r : r + 1], ls[r : r + 1])
+        n = len(sub.rank)
+        rows.append((np.full(n, r, np.int64), mine[sub.chunk], sub.chunk, sub.dest_offsets, sub.storage_offsets,
+                     sub.lengths))  # fmt: skip
+    if not rows:
+        z = np.zeros((0, nd), np.int64)
+        e = np.zeros(0, np.int64)
+        return ReadItemsPattern(e, e, z, z, z, lo, ls, part, e)
+    rank, chunk, sidx, dest, stor, lens = (np.concatenate(x) for x in zip(*rows, strict=True))
+    return ReadItemsPattern(rank, chunk, dest, stor, lens, lo, ls, part, sidx)
+
+
+def _per_rank_problems(
+    pat: ReadItemsPattern, fqns: list[str], strict: bool, ranks: set[int], problems: list[Problem]
+) -> None:
+    """What per-rank planning makes of a layout group: ranks whose ``__r.metadata`` lacks the tensors
+    (torch: ``Missing key``), and ranks whose local chunk is only partly covered by what their saving
+    rank wrote (torch loads the covered part and says nothing)."""
+    R = len(pat.local_offsets)
+    lacking = [r for r in range(R) if r in ranks and not pat.participating[r]]  # others: no metadata at all
+    more = f" (and {len(fqns) - 1} more tensors of this layout)" if len(fqns) > 1 else ""
+    if lacking:
+        which = f"{lacking[:8]}{'...' if len(lacking) > 8 else ''}"
+        if strict:
+            problems.append(Problem(fqns[0], "missing_key", "error",
+                                    f"Missing key in checkpoint state_dict: {fqns[0]}. (in __r.metadata of loading "
+                                    f"rank(s) {which}){more}"))  # fmt: skip
+        else:
+            problems.append(Problem(fqns[0], "missing_key", "warning",
+                                    f"not in __r.metadata of loading rank(s) {which}: skipped there{more}"))  # fmt: skip
+    need = (
+        np.prod(pat.local_sizes, axis=1, dtype=np.int64) if pat.local_sizes.shape[1] else np.ones(R, np.int64)
+    )
+    got = np.bincount(pat.rank, weights=pat.numel, minlength=R).astype(np.int64)
+    short = [r for r in range(R) if pat.participating[r] and got[r] < need[r]]
+    if short:
+        r = short[0]
+        problems.append(Problem(fqns[0], "partial_load", "warning",
+                                f"{len(short)} rank(s) read only part of their shard from what their own saving rank "
+                                f"wrote (rank {r}: {got[r]:,} of {need[r]:,} elements); torch leaves the rest as it "
+                                f"was, silently{more}"))  # fmt: skip
+
+
 def simulate_load(
     ckpt: Any,
     mesh: Any = 1,
@@ -993,17 +1085,27 @@ def simulate_load(
         storage = "whole_item" if index.format == "dcp" else "partial"
     problems: list[Problem] = []
     md_files = list(index.attrs.get("metadata_files") or [])
+    # per-rank metadata (dcp.save with use_collectives=False): torch plans loading rank r against
+    # __r.metadata alone, whose chunks are those saving rank r wrote (in the merged view's order)
+    per_rank: set[int] | None = None
     if index.format == "dcp" and md_files and ".metadata" not in md_files:
         ranks_with = sorted(int(f[2:].split(".")[0]) for f in md_files if f.startswith("__"))
-        problems.append(Problem("*", "per_rank_metadata", "warning",
-                                "saved with use_collectives=False: there is no global .metadata, so torch plans rank r "
-                                "against __r.metadata alone and each rank reads only what saving rank r wrote; this "
-                                "plan uses the merged view (simulate one rank's view with open(path, rank=r))"))  # fmt: skip
-        missing = [r for r in range(m.size) if r not in ranks_with]
-        if missing and len(ranks_with) > 1:  # a merged view (one rank's view is the user's choice)
-            problems.append(Problem("*", "per_rank_metadata", "error",
-                                    f"no __r.metadata for loading rank(s) {missing[:8]}{'...' if len(missing) > 8 else ''}:"
-                                    " torch finds no metadata for them and fails"))  # fmt: skip
+        if len(ranks_with) > 1:  # the merged view; one rank's view (open(path, rank=r)) is planned as is
+            per_rank = set(ranks_with)
+            problems.append(Problem("*", "per_rank_metadata", "warning",
+                                    "saved with use_collectives=False: there is no global .metadata, so torch plans "
+                                    "rank r against __r.metadata alone and each rank reads only what saving rank r "
+                                    "wrote (planned so here)"))  # fmt: skip
+            missing = [r for r in range(m.size) if r not in per_rank]
+            if missing:
+                problems.append(Problem("*", "per_rank_metadata", "error",
+                                        f"no __r.metadata for loading rank(s) {missing[:8]}"
+                                        f"{'...' if len(missing) > 8 else ''}: torch finds no metadata for them "
+                                        "and fails"))  # fmt: skip
+        else:
+            problems.append(Problem("*", "per_rank_metadata", "warning",
+                                    "saved with use_collectives=False: this is one rank's __r.metadata, planned as "
+                                    "if every loading rank read it (torch gives each rank its own)"))  # fmt: skip
     memo = _index_memo(index)
     lookup = memo.lookup
     # what is loaded, in dcp.load's order
@@ -1082,7 +1184,9 @@ def simulate_load(
         except ValueError as ex:
             problems.append(Problem(fqn, "placement_error", "error", str(ex)))
             continue
-        key = (shape, pls, memo.layout_sig(index, e))
+        key: tuple[Any, ...] = (shape, pls, memo.layout_sig(index, e))
+        if per_rank is not None:  # which rank saved which chunk decides what each rank sees
+            key += (c.rank[int(index.chunk_start[e]) : int(index.chunk_start[e + 1])].tobytes(),)
         gid = group_of.get(key)
         if gid is None:
             gid = group_of[key] = len(group_keys)
@@ -1093,7 +1197,7 @@ def simulate_load(
 
     groups: list[_Group] = []
     R = m.size
-    for (shape, pls, _sig), ents in zip(group_keys, group_entries, strict=True):
+    for (shape, pls, *_sig), ents in zip(group_keys, group_entries, strict=True):
         e0 = ents[0]
         a, b = int(index.chunk_start[e0]), int(index.chunk_start[e0 + 1])
         nd = len(shape)
@@ -1110,7 +1214,12 @@ def simulate_load(
                 problems.append(Problem(index.fqns[e0], "empty_shard", "info",
                                         f"{int(empty.sum())} rank(s) get an empty shard under {tuple(map(str, pls))}"
                                         + (f" (and {len(ents) - 1} more tensors of this layout)" if len(ents) > 1 else "")))  # fmt: skip
-        pat = read_items_pattern(so, ss, lo, ls)
+        if per_rank is None:
+            pat = read_items_pattern(so, ss, lo, ls)
+        else:
+            pat = _per_rank_pattern(so, ss, lo, ls, np.asarray(c.rank[a:b], np.int64), per_rank)
+            _per_rank_problems(pat, [index.fqns[e] for e in ents], strict, per_rank, problems)
         groups.append(_Group(pat, np.asarray(ents, np.int64), pls))
     reader = "FileSystemReader" if index.format == "dcp" else "HuggingFaceStorageReader"
-    return LoadPlan(index, m, order, groups, problems, reader, storage)
+    return LoadPlan(index, m, order, groups, problems, reader, storage,
+                    None if per_rank is None else frozenset(per_rank))  # fmt: skip

@@ -141,14 +141,13 @@ import json
 import os
 import pathlib
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+from dcp_explorer import _procs
 from dcp_explorer.errors import DcpExplorerError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -302,8 +301,8 @@ def make_samples(
     in fresh worker processes (gloo process groups on 127.0.0.1), and renamed into
     place only when its run succeeded, so an interrupted run never leaves a
     half-written sample that looks complete. The first failing worker stops the whole
-    run (its peers are killed); a run whose rendezvous port was taken by another
-    process meanwhile is retried once with a new port.
+    run (its peers are killed). The workers meet on a port the OS picks while rank 0
+    binds it (:mod:`dcp_explorer._procs`), so no other process can take it first.
 
     Parameters
     ----------
@@ -353,7 +352,7 @@ def make_samples(
     token = f"{os.getpid()}-{os.urandom(3).hex()}"
     tmp_dirs = {n: root_path / f".{n}{_TMP_MARK}{token}" for n in todo}
     by_world: dict[int, list[str]] = {}
-    for n in todo:
+    for n in sorted(todo, key=SAMPLE_NAMES.index):
         by_world.setdefault(_WORLD_OF[n], []).append(n)
 
     def say(msg: str) -> None:
@@ -364,49 +363,44 @@ def make_samples(
     start = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="dcp_explorer_samples_logs_") as logs:
-            groups = [
-                _Group.launch(world, sorted(ns, key=SAMPLE_NAMES.index), tmp_dirs, logs)
-                for world, ns in sorted(by_world.items(), reverse=True)
-            ]
+            runs = {
+                world: _start(world, by_world[world], tmp_dirs, logs)
+                for world in sorted(by_world, reverse=True)
+            }
             try:
-                pending = list(groups)
+                pending = list(runs)
                 while pending:
-                    for group in list(pending):
-                        try:
-                            done = group.poll()
-                        except SampleBuildError:
-                            if group.attempt > 0 or not group.port_clash():
-                                raise
-                            # Another process took the free port before rank 0 bound it.
-                            group.kill()
-                            for n in group.names:
-                                shutil.rmtree(tmp_dirs[n], ignore_errors=True)
-                            retry = _Group.launch(group.world, group.names, tmp_dirs, logs, attempt=1)
-                            groups.append(retry)
-                            pending[pending.index(group)] = retry
+                    for world in list(pending):
+                        if not runs[world].check(
+                            what=f"the {world}-rank run writing {by_world[world]}",
+                            error=SampleBuildError,
+                            hint="nothing was published for these samples. Fix the cause shown below "
+                            "and call make_samples() again.",
+                        ):
                             continue
-                        if done:
-                            pending.remove(group)
-                            for n in group.names:
-                                _publish(tmp_dirs[n], result[n], force=force)
-                                say(
-                                    f"{n}: {_fmt_size(_dir_size(result[n]))} "
-                                    f"({group.world} rank{'s' if group.world > 1 else ''}, "
-                                    f"{time.monotonic() - start:.1f} s)"
-                                )
+                        pending.remove(world)
+                        for n in by_world[world]:
+                            _publish(tmp_dirs[n], result[n], force=force)
+                            say(
+                                f"{n}: {_fmt_size(_dir_size(result[n]))} "
+                                f"({world} rank{'s' if world > 1 else ''}, "
+                                f"{time.monotonic() - start:.1f} s)"
+                            )
                     if pending and time.monotonic() - start > timeout:
+                        for world in pending:
+                            runs[world].kill()
                         raise SampleBuildError(
-                            f"writing samples {[n for g in pending for n in g.names]} "
+                            f"writing samples {[n for w in pending for n in by_world[w]]} "
                             f"took longer than timeout={timeout:.0f} s; the workers were "
                             "killed and nothing was published for these samples. Pass a "
                             "larger timeout on a slow machine, or read the logs below.\n"
-                            + "\n".join(g.log_tail() for g in pending),
+                            + "\n".join(runs[w].tail(0) for w in pending),
                             path=str(root_path),
                         )
                     time.sleep(0.05)
             finally:
-                for group in groups:
-                    group.kill()
+                for workers in runs.values():
+                    workers.kill()
     finally:
         for tmp in tmp_dirs.values():
             if tmp.exists():
@@ -441,129 +435,13 @@ def sample_path(name: str, root: str | os.PathLike[str] | None = None) -> pathli
 # --------------------------------------------------------------------------- orchestration
 
 
-class _Group:
-    """The worker processes of one world (one gloo process group)."""
-
-    def __init__(
-        self,
-        world: int,
-        names: list[str],
-        procs: list[subprocess.Popen[bytes]],
-        logs: list[str],
-        attempt: int,
-    ) -> None:
-        self.world = world
-        self.names = names
-        self.procs = procs
-        self.logs = logs
-        self.attempt = attempt
-
-    @classmethod
-    def launch(
-        cls,
-        world: int,
-        names: list[str],
-        tmp_dirs: Mapping[str, pathlib.Path],
-        log_dir: str,
-        attempt: int = 0,
-    ) -> _Group:
-        """Start ``world`` worker processes writing ``names`` into ``tmp_dirs``."""
-        port = _free_port()
-        env = dict(os.environ)
-        env["OMP_NUM_THREADS"] = "1"
-        env["MKL_NUM_THREADS"] = "1"
-        env.setdefault("PYTHONWARNINGS", "ignore")
-        if sys.platform.startswith("linux"):
-            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        pkg_parent = str(pathlib.Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
-        procs: list[subprocess.Popen[bytes]] = []
-        logs: list[str] = []
-        for rank in range(world):
-            spec = {
-                "world": world,
-                "rank": rank,
-                "port": port,
-                "jobs": [[n, str(tmp_dirs[n])] for n in names],
-            }
-            log = os.path.join(log_dir, f"world{world}_rank{rank}_attempt{attempt}.log")
-            logs.append(log)
-            with open(log, "wb") as fh:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-c",
-                            "import sys; from dcp_explorer.samples import _worker_main; "
-                            "sys.exit(_worker_main(sys.argv[1]))",
-                            json.dumps(spec),
-                        ],
-                        stdin=subprocess.DEVNULL,
-                        stdout=fh,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                    )
-                )
-        return cls(world, names, procs, logs, attempt)
-
-    def poll(self) -> bool:
-        """Return True when every rank exited 0; raise as soon as one failed."""
-        codes = [p.poll() for p in self.procs]
-        failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
-            # The first rank to fail usually holds the cause; its peers then fail
-            # on broken connections. Show the earliest-written logs first.
-            failed.sort(key=lambda r: _mtime(self.logs[r]))
-            raise SampleBuildError(
-                f"rank(s) {failed} of the {self.world}-rank run writing {self.names} "
-                f"exited with code(s) {[codes[r] for r in failed]}; nothing was published "
-                "for these samples. Fix the cause shown below and call make_samples() again.\n"
-                + "\n".join(self.log_tail(r) for r in failed[:2])
-            )
-        return all(code == 0 for code in codes)
-
-    def port_clash(self) -> bool:
-        """Return True if a rank failed because the rendezvous port was taken."""
-        for log in self.logs:
-            try:
-                with open(log, encoding="utf-8", errors="replace") as fh:
-                    text = fh.read().lower()
-            except OSError:
-                continue
-            if "eaddrinuse" in text or "address already in use" in text:
-                return True
-        return False
-
-    def kill(self) -> None:
-        """Kill the workers of this group that are still running."""
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=10)
-
-    def log_tail(self, rank: int = 0, lines: int = 30) -> str:
-        """Return the last lines of one rank's log, under a header naming the rank."""
-        try:
-            with open(self.logs[rank], encoding="utf-8", errors="replace") as fh:
-                text = fh.read().splitlines()[-lines:]
-        except OSError:
-            text = ["<no log>"]
-        return f"--- log of world {self.world} rank {rank} ---\n" + "\n".join(text)
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.path.getmtime(path)
-    except OSError:
-        return float("inf")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _start(
+    world: int, names: list[str], tmp_dirs: Mapping[str, pathlib.Path], log_dir: str
+) -> _procs.Workers:
+    """Start the ``world`` worker processes (one gloo process group) writing ``names`` into ``tmp_dirs``."""
+    spec = {"jobs": [[n, str(tmp_dirs[n])] for n in names]}
+    code = "import sys; from dcp_explorer.samples import _worker_main; sys.exit(_worker_main(sys.argv[1]))"
+    return _procs.start(["-c", code, json.dumps(spec)], world, log_dir, prefix=f"world{world}_")
 
 
 def _publish(tmp: pathlib.Path, final: pathlib.Path, *, force: bool) -> None:
@@ -630,34 +508,24 @@ def _worker_main(spec_json: str) -> int:
     import warnings
 
     spec = json.loads(spec_json)
-    world, rank, port = int(spec["world"]), int(spec["rank"]), int(spec["port"])
+    rank, world = _procs.rank_and_world()
     jobs: list[tuple[str, str]] = [(n, p) for n, p in spec["jobs"]]
     warnings.filterwarnings("ignore")
-    import datetime
-
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     needs_pg = any(n not in _LOCAL_SAMPLES for n, _ in jobs)
     try:
-        if needs_pg:
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=world,
-                timeout=datetime.timedelta(seconds=_PG_TIMEOUT),
-            )
-        _maybe_inject_fault(world, rank)
-        for name, path in jobs:
-            t0 = time.monotonic()
-            _WRITERS[name](pathlib.Path(path))
-            if needs_pg:
-                dist.barrier()
-            print(f"rank {rank}: wrote {name} in {time.monotonic() - t0:.2f} s", flush=True)
-        if needs_pg:
-            dist.destroy_process_group()
+        # an exception leaves the process group without teardown (see _procs.process_group)
+        with _procs.process_group("gloo", timeout=_PG_TIMEOUT) if needs_pg else contextlib.nullcontext():
+            _maybe_inject_fault(world, rank)
+            for name, path in jobs:
+                t0 = time.monotonic()
+                _WRITERS[name](pathlib.Path(path))
+                if needs_pg:
+                    dist.barrier()
+                print(f"rank {rank}: wrote {name} in {time.monotonic() - t0:.2f} s", flush=True)
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()

@@ -27,19 +27,18 @@ This module imports torch only inside its functions: ``import dcp_explorer`` sta
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from . import _procs
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from .checkpoint import Checkpoint
@@ -470,10 +469,11 @@ def _worker_main(spec_path: str) -> int:
 
     torch.set_num_threads(1)
     spec = json.loads(pathlib.Path(spec_path).read_text())
-    rank, nproc = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, _ = _procs.rank_and_world()
     out_dir = pathlib.Path(spec["out_dir"])
-    timeout = timedelta(seconds=float(spec.get("pg_timeout", 120)))
-    store = _connect_store(spec, rank, nproc, timeout)
+    pg_timeout = float(spec.get("pg_timeout", 120))
+    timeout = timedelta(seconds=pg_timeout)
+    store = _procs.connect_store(pg_timeout)
     device, backend = "cpu", "gloo"  # local workers: CPU meshes, as the samples are written
     opened: dict[str, Any] = {}
     for i, sc in enumerate(spec["scenarios"]):
@@ -493,100 +493,8 @@ def _worker_main(spec_path: str) -> int:
                 tmp.replace(out_dir / f"result_{i}.json")
         finally:
             dist.destroy_process_group()
-    # keep the store's server (rank 0) alive until every worker is done with it
-    store.add("done", 1)
-    deadline = time.monotonic() + timeout.total_seconds()
-    while rank == 0 and int(store.add("done", 0)) < nproc and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _procs.release(store, pg_timeout)  # rank 0 serves the store: it waits for every worker
     return 0
-
-
-def _connect_store(spec: Mapping[str, Any], rank: int, nproc: int, timeout: Any) -> Any:
-    """The workers' shared ``TCPStore``, on a port no other process can take first.
-
-    Rank 0 starts the server on port 0 -- the OS picks a free port while binding it -- and
-    publishes the port in ``spec["port_file"]`` (written atomically); the other ranks wait for
-    that file, connect, and check the run's ``spec["token"]`` in the store. (A port picked by the
-    parent and bound by rank 0 only after its torch import could be taken in between -- by a
-    Jupyter kernel, a test server, another verify run -- which made loaded machines fail now and
-    then, or let a rank join another run's store.)
-    """
-    import torch.distributed as dist
-
-    port_file = pathlib.Path(spec["port_file"])
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    if rank == 0:
-        store = dist.TCPStore(host, 0, nproc, True, timeout=timeout, wait_for_workers=False)
-        store.set("token", spec["token"])
-        tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(str(store.port))
-        tmp.replace(port_file)
-        return store
-    deadline = time.monotonic() + timeout.total_seconds()
-    while not port_file.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not publish the store's port in {port_file} within {timeout}")
-        time.sleep(0.05)
-    port = int(port_file.read_text())
-    store = dist.TCPStore(host, port, nproc, False, timeout=timeout, wait_for_workers=False)
-    token = store.get("token").decode()
-    if token != spec["token"]:  # pragma: no cover - only if the port changed hands after publication
-        raise RuntimeError(
-            f"the store on port {port} belongs to another run ({token!r}, not {spec['token']!r})"
-        )
-    return store
-
-
-def _tail(path: pathlib.Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        text = ["<no log>"]
-    return f"--- {path.name} ---\n" + "\n".join(text)
-
-
-def _spawn(scenarios: Sequence[Scenario], nproc: int, timeout: float,
-           tmp: pathlib.Path) -> tuple[list[subprocess.Popen[bytes]], list[pathlib.Path]]:  # fmt: skip
-    """Start ``nproc`` workers for ``scenarios``; return the processes and their logs."""
-    spec = {
-        "out_dir": str(tmp),
-        "scenarios": [s.to_json() for s in scenarios],
-        # below the parent's deadline: a stuck collective raises in the worker, naming what it waited for
-        "pg_timeout": max(30.0, 0.9 * timeout),
-        "port_file": str(tmp / "store_port"),  # rank 0 binds port 0 and writes the port here
-        "token": uuid.uuid4().hex,
-    }
-    spec_path = tmp / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.pop("MASTER_PORT", None)  # the workers' store port comes from rank 0 (spec["port_file"])
-    env.update(MASTER_ADDR="127.0.0.1", WORLD_SIZE=str(nproc), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    pkg_parent = str(pathlib.Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[pathlib.Path] = []
-    for rank in range(nproc):
-        log = tmp / f"rank{rank}.log"
-        logs.append(log)
-        with open(log, "wb") as fh:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "dcp_explorer.verify", "--worker", str(spec_path)],
-                stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-            ))  # fmt: skip
-    return procs, logs
-
-
-def _kill(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=10)
 
 
 def verify_many(scenarios: Sequence[Scenario | Mapping[str, Any]], *, nproc: int | None = None,
@@ -645,33 +553,25 @@ def verify_many(scenarios: Sequence[Scenario | Mapping[str, Any]], *, nproc: int
     nproc = need if nproc is None else int(nproc)
     if nproc < need:
         raise ValueError(f"nproc={nproc} is smaller than the largest mesh ({need} ranks)")
-    # one attempt: the workers' store binds a port of the OS's choosing (no port race to retry), so
-    # any failure is a real one and is reported with the workers' logs
+    # one attempt: the workers' store binds a port of the OS's choosing (dcp_explorer._procs), so
+    # there is no port race to retry; any failure is a real one, reported with the workers' logs
     with tempfile.TemporaryDirectory(prefix="dcpx-verify-") as d:
         tmp = pathlib.Path(d)
-        procs, logs = _spawn(scs, nproc, timeout, tmp)
-        try:
-            deadline = time.monotonic() + timeout
-            while any(p.poll() is None for p in procs):
-                if any(p.poll() not in (None, 0) for p in procs):
-                    time.sleep(0.5)  # let the others write their logs
-                    break
-                if time.monotonic() > deadline:
-                    _kill(procs)
-                    raise VerifyError(f"verification timed out after {timeout:.0f} s\n"
-                                      + "\n".join(_tail(lg) for lg in logs))  # fmt: skip
-                time.sleep(0.05)
-        finally:
-            _kill(procs)
-        codes = [p.returncode for p in procs]
-        if any(codes):
-            raise VerifyError(f"worker(s) exited with codes {codes}\n" + "\n".join(
-                _tail(lg) for r, lg in enumerate(logs) if codes[r]))  # fmt: skip
+        spec = {
+            "out_dir": str(tmp),
+            "scenarios": [s.to_json() for s in scs],
+            # below the parent's deadline: a stuck collective raises in the worker, naming what it waited for
+            "pg_timeout": max(30.0, 0.9 * timeout),
+        }
+        spec_path = tmp / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        workers = _procs.start(["-m", "dcp_explorer.verify", "--worker", str(spec_path)], nproc, tmp)
+        workers.wait(timeout, what=f"the {nproc} verify workers", error=VerifyError)
         reports = []
         for i, sc in enumerate(scs):
             f = tmp / f"result_{i}.json"
             if not f.exists():
-                raise VerifyError(f"scenario {i} ({sc}) produced no result\n" + _tail(logs[0]))
+                raise VerifyError(f"scenario {i} ({sc}) produced no result\n" + workers.tail(0))
             payload = json.loads(f.read_text())
             reports.append(_report(sc, payload["results"], float(payload["seconds"])))
         return reports

@@ -214,11 +214,16 @@ def b_unrelated_files(c: Ctx) -> Path:
     return c.ck
 
 
-def b_metadata_is_directory(c: Ctx) -> Path:
-    c.copy("mixed")
-    (c.ck / ".metadata").unlink()
-    (c.ck / ".metadata").mkdir()
-    return c.ck
+def b_is_directory(name: str) -> Callable[[Ctx], Path]:
+    """A copy of ``mixed`` where the file ``name`` is replaced by an empty directory of that name."""
+
+    def build(c: Ctx) -> Path:
+        c.copy("mixed")
+        (c.ck / name).unlink()
+        (c.ck / name).mkdir()
+        return c.ck
+
+    return build
 
 
 def b_truncated(fraction: float) -> Callable[[Ctx], Path]:
@@ -402,13 +407,6 @@ def b_negative_byte_offset(c: Ctx) -> Path:
     md.storage_data[key_of(md, "model.grid", 1)].offset = -64
     write_md(c.ck, md)
     c.expect.append("[-64,")
-    return c.ck
-
-
-def b_distcp_is_directory(c: Ctx) -> Path:
-    c.copy("mixed")
-    (c.ck / "__1_0.distcp").unlink()
-    (c.ck / "__1_0.distcp").mkdir()
     return c.ck
 
 
@@ -725,7 +723,7 @@ KINDS: list[Kind] = [
     # ---------------------------------------------------------------- not a checkpoint
     Kind("empty_directory", b_empty_dir, NotACheckpointError, "no files"),
     Kind("unrelated_files", b_unrelated_files, NotACheckpointError, "notes.txt"),
-    Kind("metadata_is_a_directory", b_metadata_is_directory, NotACheckpointError, "sub-directories .metadata"),
+    Kind("metadata_is_a_directory", b_is_directory(".metadata"), NotACheckpointError, "sub-directories .metadata"),
     # ---------------------------------------------------------------- DCP .metadata
     Kind("metadata_truncated_empty", b_truncated(0.0), MetadataError, "truncated", ".metadata"),
     Kind("metadata_truncated_early", b_truncated(0.05), MetadataError, "truncated", ".metadata"),
@@ -770,7 +768,7 @@ KINDS: list[Kind] = [
          IndexFileError, "not a file name inside", "model.safetensors.index.json"),
     # ---------------------------------------------------------------- DCP data files
     Kind("distcp_missing", b_distcp_missing, ChunkFileMissing, "does not exist", "__1_0.distcp"),
-    Kind("distcp_is_a_directory", b_distcp_is_directory, ChunkFileMissing, "is a directory", "__1_0.distcp"),
+    Kind("distcp_is_a_directory", b_is_directory("__1_0.distcp"), ChunkFileMissing, "is a directory", "__1_0.distcp"),
     Kind("distcp_truncated", b_distcp_truncated, ByteRangeError, "past the end of the file", "__3_0.distcp"),
     Kind("byte_range_past_eof", b_range_past_eof, ByteRangeError, "past the end of the file", "__2_0.distcp"),
     Kind("byte_range_negative", b_negative_byte_offset, ByteRangeError, "model.grid", "__1_0.distcp"),

@@ -28,10 +28,7 @@ from dcp_explorer import (
 
 torch = pytest.importorskip("torch")
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _copy(samples, name, tmp_path):

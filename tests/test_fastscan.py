@@ -385,6 +385,32 @@ def test_hand_built_metadata_variants(proto):
             assert got.chunks.file.tolist()[:3] == [0, 2, 2]
 
 
+def test_row_search_over_many_tensors():
+    """Storage keys whose hints do not point at their chunk, for many tensors: the scanner's table of
+    rows by offsets grows and indexes again the tensors searched before; chunks with no key of their
+    own share the item of a chunk with equal offsets, or are missing."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    S = torch.Size
+    sdm, storage = {}, {}
+    for t in range(40):
+        # rows 6 and 7 repeat the offsets of rows 0 and 1; offsets [5, 0] get no key
+        chunks = [ChunkStorageMetadata(S([i % 6, 0]), S([1, 3])) for i in range(8)]
+        sdm[f"t{t}"] = TensorStorageMetadata(TensorProperties(dtype=torch.float32), S([6, 3]), chunks)
+        for i in (4, 0, 3, 1, 2):
+            key = MetadataIndex(f"t{t}", S([i, 0]), None if t % 2 else 7 - i)
+            storage[key] = _StorageInfo(f"__{t % 4}_0.distcp", 100 * i, 10)
+    got = check_same(pickle.dumps(Metadata(sdm, planner_data={}, storage_data=storage), protocol=4))
+    assert got.chunks.byte_offset.tolist() == [0, 100, 200, 300, 400, -1, 0, 100] * 40
+
+
 def test_duplicate_storage_rows_last_wins(monkeypatch):
     """Two storage keys for one chunk: the later one wins, like numpy's fancy assignment.
 

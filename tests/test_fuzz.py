@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _strategies import Box, tiling
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,10 +51,7 @@ SETTINGS = settings(
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # ============================================================================================
@@ -249,9 +247,6 @@ def test_safetensors_headers_agree_with_the_library(case, tmp_path_factory):
 # ============================================================================================
 # chunk layouts written as real DCP checkpoints
 # ============================================================================================
-Box = tuple[tuple[int, ...], tuple[int, ...]]
-
-
 def write_dcp(path: Path, tensors: dict[str, tuple[Any, list[Box]]], ranks: int = 3) -> None:
     """A DCP checkpoint as FileSystemWriter lays it out: each box a ``torch.save`` item, ``.metadata`` pickled."""
     import torch
@@ -290,22 +285,9 @@ def write_dcp(path: Path, tensors: dict[str, tuple[Any, list[Box]]], ranks: int 
 
 @st.composite
 def tilings(draw: st.DrawFn) -> tuple[tuple[int, ...], list[Box]]:
-    """A shape (1-3 dims, some of size 0 or 1) and a random guillotine tiling of it, shuffled."""
+    """A shape (1-3 dims of 1-7) and a random guillotine tiling of it, shuffled."""
     shape = tuple(draw(st.lists(st.integers(1, 7), min_size=1, max_size=3)))
-
-    def split(offs: tuple[int, ...], sizes: tuple[int, ...], level: int) -> list[Box]:
-        cuttable = [d for d, s in enumerate(sizes) if s > 1]
-        if level > 3 or not cuttable or not draw(st.booleans()):
-            return [(offs, sizes)]
-        d = draw(st.sampled_from(cuttable))
-        at = draw(st.integers(1, sizes[d] - 1))
-        o2, s1, s2 = list(offs), list(sizes), list(sizes)
-        o2[d] += at
-        s1[d], s2[d] = at, sizes[d] - at
-        return split(offs, tuple(s1), level + 1) + split(tuple(o2), tuple(s2), level + 1)
-
-    boxes = split((0,) * len(shape), shape, 0)
-    return shape, list(draw(st.permutations(boxes)))
+    return shape, draw(tiling(shape))
 
 
 @SETTINGS

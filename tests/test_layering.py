@@ -48,6 +48,7 @@ HEAVY = ("torch", "ipywidgets", "matplotlib", "safetensors.torch")
 LAYERS: dict[str, int] = {
     # 0 base
     "dcp_explorer.errors": 0,
+    "dcp_explorer._procs": 0,  # local worker processes; torch only in the worker-side functions
     # 1 the model (pure)
     "dcp_explorer.model": 1,
     "dcp_explorer.layout": 1,
@@ -62,6 +63,7 @@ LAYERS: dict[str, int] = {
     "dcp_explorer.plan": 4,
     "dcp_explorer.load": 4,
     "dcp_explorer.quant": 4,
+    "dcp_explorer._kernels": 4,  # compiled, used by quant
     "dcp_explorer.diff": 4,
     "dcp_explorer.export": 4,
     # 5 facade

@@ -41,11 +41,7 @@ safetensors = pytest.importorskip("safetensors")
 #: every sample, plus the DCP-written shards that ``hf_consolidated`` keeps in ``sharded/``
 CASES = (*sample_names(), "hf_consolidated/sharded")
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Never touch the user's parse cache."""
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def case_path(samples, case: str) -> str:

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from _strategies import Box, tiling
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -37,8 +38,6 @@ SETTINGS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
 
 
 # ------------------------------------------------------------------------------------------
@@ -102,26 +101,6 @@ def chunk_lists(draw: st.DrawFn) -> tuple[tuple[int, ...], list[Box], list[Box]]
     return shape, saved, local
 
 
-@st.composite
-def tiling(draw: st.DrawFn, shape: tuple[int, ...], depth: int = 0) -> list[Box]:
-    """A random guillotine tiling of ``shape`` (not only grids), in a shuffled order."""
-
-    def split(offs: tuple[int, ...], sizes: tuple[int, ...], level: int) -> list[Box]:
-        cuttable = [d for d, s in enumerate(sizes) if s > 1]
-        if level > 3 or not cuttable or not draw(st.booleans()):
-            return [(offs, sizes)]
-        d = draw(st.sampled_from(cuttable))
-        at = draw(st.integers(1, sizes[d] - 1))
-        o2 = list(offs)
-        o2[d] += at
-        s1, s2 = list(sizes), list(sizes)
-        s1[d], s2[d] = at, sizes[d] - at
-        return split(offs, tuple(s1), level + 1) + split(tuple(o2), tuple(s2), level + 1)
-
-    boxes = split(tuple(0 for _ in shape), tuple(shape), 0)
-    return list(draw(st.permutations(boxes)))
-
-
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
@@ -144,6 +123,21 @@ def torch_items(shape: tuple[int, ...], saved: list[Box], local: list[Box]) -> l
         out.append((it.dest_index.index, it.storage_index.index, tuple(it.dest_offsets),
                     tuple(it.storage_offsets), tuple(it.lengths)))  # fmt: skip
     return out
+
+
+def box_arrays(boxes: list[Box], ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets and the sizes of ``boxes``: two int64 arrays of shape ``(len(boxes), ndim)``."""
+    offs = np.array([o for o, _ in boxes], np.int64).reshape(len(boxes), ndim)
+    sizes = np.array([s for _, s in boxes], np.int64).reshape(len(boxes), ndim)
+    return offs, sizes
+
+
+def saved_chunks(shape: tuple[int, ...], mesh: tuple[int, ...], pls: tuple) -> list[Box]:
+    """The chunks DCP saves for a tensor placed so: each distinct local chunk once, in rank order."""
+    sizes, offs = all_local_chunks(shape, mesh, pls)
+    return list(
+        dict.fromkeys((tuple(o), tuple(s)) for o, s in zip(offs.tolist(), sizes.tolist(), strict=True))
+    )
 
 
 def pattern_rows(pat: object, r: int) -> list[tuple]:
@@ -199,10 +193,8 @@ def test_read_items_pattern_matches_torch(data: st.DataObject) -> None:
     part = np.array(
         data.draw(st.lists(st.booleans(), min_size=len(local), max_size=len(local)), label="part")
     )
-    so = np.array([o for o, _ in saved], np.int64).reshape(len(saved), ndim)
-    ss = np.array([s for _, s in saved], np.int64).reshape(len(saved), ndim)
-    lo = np.array([o for o, _ in local], np.int64).reshape(len(local), ndim)
-    ls = np.array([s for _, s in local], np.int64).reshape(len(local), ndim)
+    so, ss = box_arrays(saved, ndim)
+    lo, ls = box_arrays(local, ndim)
     for participating in (None, part):
         pat = read_items_pattern(so, ss, lo, ls, participating)
         for r in range(len(local)):
@@ -219,17 +211,9 @@ def test_read_items_pattern_on_mesh_layouts(layout: tuple, data: st.DataObject) 
     """Saved on one mesh layout, loaded on another: each rank's reads equal torch's."""
     shape, mesh, pls = layout
     mesh2, pls2 = data.draw(mesh_placements(len(shape)), label="target")
-    ss, so = all_local_chunks(shape, mesh, pls)
-    # DCP saves each distinct chunk once
-    seen, saved = set(), []
-    for o, s in zip(so.tolist(), ss.tolist(), strict=True):
-        if (tuple(o), tuple(s)) not in seen:
-            seen.add((tuple(o), tuple(s)))
-            saved.append((tuple(o), tuple(s)))
+    saved = saved_chunks(shape, mesh, pls)
     ls, lo = all_local_chunks(shape, mesh2, pls2)
-    nd = len(shape)
-    pat = read_items_pattern(np.array([o for o, _ in saved], np.int64).reshape(len(saved), nd),
-                             np.array([s for _, s in saved], np.int64).reshape(len(saved), nd), lo, ls)  # fmt: skip
+    pat = read_items_pattern(*box_arrays(saved, len(shape)), lo, ls)
     for r in range(len(lo)):
         assert pattern_rows(pat, r) == torch_items(
             shape, saved, [(tuple(lo[r].tolist()), tuple(ls[r].tolist()))]
@@ -263,8 +247,7 @@ def test_tilings_cover_every_element_once(data: st.DataObject) -> None:
             rebuilt[li], full[tuple(slice(o, o + n) for o, n in zip(lo_, ls_, strict=True))]
         )
     # the vectorized form agrees on coverage (one local chunk per "rank")
-    pat = read_items_pattern(np.array([o for o, _ in saved]), np.array([s for _, s in saved]),
-                             np.array([o for o, _ in local]), np.array([s for _, s in local]))  # fmt: skip
+    pat = read_items_pattern(*box_arrays(saved, ndim), *box_arrays(local, ndim))
     per_rank = np.bincount(pat.rank, weights=pat.numel, minlength=len(local))
     assert per_rank.tolist() == [float(np.prod(s)) for _, s in local]
     assert int(pat.numel.sum()) == int(np.prod(shape))
@@ -276,10 +259,7 @@ def test_mesh_layouts_cover_every_element_once(src: tuple, data: st.DataObject) 
     """Any saved mesh layout (deduplicated) covers every target rank's chunk exactly once."""
     shape, mesh, pls = src
     mesh2, pls2 = data.draw(mesh_placements(len(shape)), label="target")
-    ss, so = all_local_chunks(shape, mesh, pls)
-    keys = sorted({(tuple(o), tuple(s)) for o, s in zip(so.tolist(), ss.tolist(), strict=True)})
-    saved_o = np.array([k[0] for k in keys], np.int64).reshape(len(keys), len(shape))
-    saved_s = np.array([k[1] for k in keys], np.int64).reshape(len(keys), len(shape))
+    saved_o, saved_s = box_arrays(saved_chunks(shape, mesh, pls), len(shape))
     # _StridedShard chunks are not boxes (DCP records only the first offset): keep contiguous layouts
     if any(isinstance(p, StridedShard) and p.split_factor > 1 for p in pls + pls2):
         return

@@ -38,11 +38,7 @@ from torch.distributed.checkpoint.metadata import (  # noqa: E402
 
 SAMPLES = sample_names()
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Never touch the user's parse cache."""
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # ----------------------------------------------------------------------------- comparison

@@ -36,11 +36,7 @@ ZIP_ALLOWANCE = 8 << 10
 #: DCP samples: every item a whole-tensor load touches; HF: plain; both compared with the local copy
 SAMPLES = ("mixed", "mixed_zstd", "llama_fsdp_tp_2x2", "hf_rank0", "hf_distributed")
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    """Never touch the user's parse cache."""
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _free_port() -> int:

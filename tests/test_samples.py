@@ -654,18 +654,3 @@ def test_mxfp4_full_dcp_load(samples: Samples) -> None:
     reader = QuantizedHuggingFaceStorageReader(str(samples["mxfp4"]))
     dcp.load(target, storage_reader=reader, no_dist=True)
     assert torch.equal(target[k + "_blocks"], expected)
-
-
-def test_port_taken_meanwhile_is_retried(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
-    real = S._free_port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        ports = [busy.getsockname()[1]]
-        monkeypatch.setattr(S, "_free_port", lambda: ports.pop() if ports else real())
-        paths = S.make_samples(tmp_path, ["llama_fsdp_ws1"], progress=False)
-    assert not ports  # the busy port was handed out first
-    assert (paths["llama_fsdp_ws1"] / ".metadata").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["llama_fsdp_ws1"]

@@ -25,10 +25,7 @@ torch = pytest.importorskip("torch")
 
 SAMPLES = sample_names()
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 class _Stub:

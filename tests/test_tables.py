@@ -39,10 +39,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata  # noqa: 
 
 SAMPLES = sample_names()
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 # ----------------------------------------------------------------------------- torch's view

@@ -30,8 +30,7 @@ MXB = "model.layers.0.mlp.experts.gate_up_proj_blocks"
 
 
 @pytest.fixture(autouse=True)
-def _clean(monkeypatch, tmp_path):
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+def _clean(private_cache, monkeypatch):
     monkeypatch.setattr(plt, "show", lambda *a, **k: pytest.fail("plt.show() called"))
     yield
     plt.close("all")

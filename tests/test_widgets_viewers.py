@@ -32,9 +32,7 @@ def png_size(v) -> tuple[int, int]:
     return int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXPLORER_CACHE", str(tmp_path / "dcpx-cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture()

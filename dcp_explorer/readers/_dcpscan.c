@@ -1558,6 +1558,24 @@ static int find_class(S *s, PyObject *mod, PyObject *name, Val *out)
     return -1;
 }
 
+/* GLOBAL, STACK_GLOBAL (pass 2, GIL held): *out = the global mod.name (find_class), and the GIL is
+ * let go again. Takes the references to mod and name; either is NULL where making it failed (the
+ * Python error is set) */
+static int find_global(S *s, PyObject *mod, PyObject *name, Val *out)
+{
+    if (!mod || !name) {
+        Py_XDECREF(mod);
+        Py_XDECREF(name);
+        return pyerr(s);
+    }
+    int rc = find_class(s, mod, name, out);
+    Py_DECREF(mod);
+    Py_DECREF(name);
+    if (rc < 0) return -1;
+    gil_leave(s);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------- */
 /* the VM                                                                     */
 
@@ -1572,6 +1590,66 @@ static int parse_decimal(const uint8_t *p, size_t n, uint64_t *out)
     }
     *out = x;
     return 0;
+}
+
+/* FRAME (both passes), after the opcode: its 8-byte length. A frame ends inside the data and inside
+ * the frame around it; opcodes may not straddle its end (rd_slow) */
+static int do_frame(S *s)
+{
+    NEED(8);
+    uint64_t L = le(s->p, 8);
+    s->p += 8;
+    if (L > (uint64_t)INT64_MAX) return BAD(s, "FRAME length exceeds system's maximum");
+    uint64_t P = rd_pos(s);
+    if (s->fend && P == s->fend) s->fend = 0;
+    if (s->fend) {
+        if (L > s->fend - P) return UNSUP(s, "FRAME inside a FRAME passes its end");
+    } else if (L) {
+        if (L > s->total - P) return fail(s, ST_TRUNC, "pickle data was truncated");
+        s->fend = P + L;
+    }
+    rd_setlim(s);
+    return 0;
+fail:
+    return -1;
+}
+
+/* LONG1 (op 0x8a) or LONG4 (0x8b), after the opcode: *n = the byte count that follows (LONG4's is
+ * signed: negative is malformed) */
+static int long_nbytes(S *s, uint8_t op, size_t *n)
+{
+    if (op == 0x8a) {
+        NEED(1);
+        *n = s->p[0];
+        s->p += 1;
+    } else {
+        NEED(4);
+        int64_t x = (int32_t)(uint32_t)le(s->p, 4);
+        s->p += 4;
+        if (x < 0) return BAD(s, "LONG pickle has negative byte count");
+        *n = (size_t)x;
+    }
+    return 0;
+fail:
+    return -1;
+}
+
+/* BINGET, BINPUT (ops 'h', 'q': one byte) or LONG_BINGET, LONG_BINPUT ('j', 'r': four), after the
+ * opcode: *idx = the memo index */
+static inline int memo_index(S *s, uint8_t op, uint64_t *idx)
+{
+    if (op == 'h' || op == 'q') {
+        NEED(1);
+        *idx = s->p[0];
+        s->p += 1;
+    } else {
+        NEED(4);
+        *idx = le(s->p, 4);
+        s->p += 4;
+    }
+    return 0;
+fail:
+    return -1;
 }
 
 /* pass 1: opcode lengths and memo accounting only (no values, no stack) */
@@ -1611,10 +1689,8 @@ static int run1(S *s)
             s->p += 8;
             break;
         case 'h': case 'j': case 'q': case 'r': {
-            int w = (op == 'h' || op == 'q') ? 1 : 4;
-            NEED(w);
-            uint64_t idx = le(s->p, w);
-            s->p += w;
+            uint64_t idx;
+            if (memo_index(s, op, &idx) < 0) return -1;
             if (op == 'h' || op == 'j') {
                 Val v;
                 if (memo_get(s, idx, &v) < 0) return -1;
@@ -1624,17 +1700,7 @@ static int run1(S *s)
             break;
         }
         case 0x8a: case 0x8b:
-            if (op == 0x8a) {
-                NEED(1);
-                n = s->p[0];
-                s->p += 1;
-            } else {
-                NEED(4);
-                int64_t x = (int32_t)(uint32_t)le(s->p, 4);
-                s->p += 4;
-                if (x < 0) return BAD(s, "LONG pickle has negative byte count");
-                n = (size_t)x;
-            }
+            if (long_nbytes(s, op, &n) < 0) return -1;
             NEED(n);
             s->p += n;
             break;
@@ -1648,22 +1714,9 @@ static int run1(S *s)
             s->p += L;
             break;
         }
-        case 0x95: {
-            NEED(8);
-            uint64_t L = le(s->p, 8);
-            s->p += 8;
-            if (L > (uint64_t)INT64_MAX) return BAD(s, "FRAME length exceeds system's maximum");
-            uint64_t P = rd_pos(s);
-            if (s->fend && P == s->fend) s->fend = 0;
-            if (s->fend) {
-                if (L > s->fend - P) return UNSUP(s, "FRAME inside a FRAME passes its end");
-            } else if (L) {
-                if (L > s->total - P) return fail(s, ST_TRUNC, "pickle data was truncated");
-                s->fend = P + L;
-            }
-            rd_setlim(s);
+        case 0x95:
+            if (do_frame(s) < 0) return -1;
             break;
-        }
         case 'I': case 'g': case 'p': case 'c': {
             const uint8_t *ln;
             size_t len;
@@ -1711,22 +1764,9 @@ static int run(S *s)
             if (*s->p > 5) return BAD(s, "unsupported pickle protocol: %d", *s->p);
             s->p++;
             break;
-        case 0x95: { /* FRAME */
-            NEED(8);
-            uint64_t L = le(s->p, 8);
-            s->p += 8;
-            if (L > (uint64_t)INT64_MAX) return BAD(s, "FRAME length exceeds system's maximum");
-            uint64_t P = rd_pos(s);
-            if (s->fend && P == s->fend) s->fend = 0;
-            if (s->fend) {
-                if (L > s->fend - P) return UNSUP(s, "FRAME inside a FRAME passes its end");
-            } else if (L) {
-                if (L > s->total - P) return fail(s, ST_TRUNC, "pickle data was truncated");
-                s->fend = P + L;
-            }
-            rd_setlim(s);
+        case 0x95: /* FRAME */
+            if (do_frame(s) < 0) return -1;
             break;
-        }
         case '.': /* STOP */
             if (!p2) return 0;
             if (pop(s, &v) < 0) return -1;
@@ -1802,17 +1842,7 @@ static int run(S *s)
         }
         case 0x8a: case 0x8b: { /* LONG1, LONG4 */
             size_t n;
-            if (op == 0x8a) {
-                NEED(1);
-                n = s->p[0];
-                s->p += 1;
-            } else {
-                NEED(4);
-                int64_t x = (int32_t)(uint32_t)le(s->p, 4);
-                s->p += 4;
-                if (x < 0) return BAD(s, "LONG pickle has negative byte count");
-                n = (size_t)x;
-            }
+            if (long_nbytes(s, op, &n) < 0) return -1;
             int64_t x = 0;
             if (n) {
                 NEED(n);
@@ -2036,18 +2066,9 @@ static int run(S *s)
                 if (TAG(nm) != T_STR || TAG(md) != T_STR) return BAD(s, "STACK_GLOBAL requires str");
                 gil_enter(s);
                 PyObject *m = py_str(s, (uint32_t)PAY(md));
-                if (!m) return pyerr(s);
-                PyObject *n = py_str(s, (uint32_t)PAY(nm));
-                if (!n) {
-                    Py_DECREF(m);
-                    return pyerr(s);
-                }
+                PyObject *n = m ? py_str(s, (uint32_t)PAY(nm)) : NULL;
                 /* py_str caches by id: the cache must cover ids created later */
-                int rc = find_class(s, m, n, &v);
-                Py_DECREF(m);
-                Py_DECREF(n);
-                if (rc < 0) return -1;
-                gil_leave(s);
+                if (find_global(s, m, n, &v) < 0) return -1;
             } else {
                 v = V_NONE;
             }
@@ -2080,15 +2101,7 @@ static int run(S *s)
             }
             if (p2) {
                 PyObject *n = PyUnicode_DecodeUTF8((const char *)l2, (Py_ssize_t)(n2 - 1), "strict");
-                if (!n) {
-                    Py_DECREF(m);
-                    return pyerr(s);
-                }
-                int rc = find_class(s, m, n, &v);
-                Py_DECREF(m);
-                Py_DECREF(n);
-                if (rc < 0) return -1;
-                gil_leave(s);
+                if (find_global(s, m, n, &v) < 0) return -1;
             } else {
                 v = V_NONE;
             }
@@ -2097,14 +2110,8 @@ static int run(S *s)
         }
         case 'h': case 'j': case 'g': { /* BINGET, LONG_BINGET, GET */
             uint64_t idx;
-            if (op == 'h') {
-                NEED(1);
-                idx = s->p[0];
-                s->p += 1;
-            } else if (op == 'j') {
-                NEED(4);
-                idx = le(s->p, 4);
-                s->p += 4;
+            if (op != 'g') {
+                if (memo_index(s, op, &idx) < 0) return -1;
             } else {
                 const uint8_t *ln;
                 size_t len;
@@ -2118,14 +2125,8 @@ static int run(S *s)
         }
         case 'q': case 'r': case 'p': case 0x94: { /* BINPUT, LONG_BINPUT, PUT, MEMOIZE */
             uint64_t idx;
-            if (op == 'q') {
-                NEED(1);
-                idx = s->p[0];
-                s->p += 1;
-            } else if (op == 'r') {
-                NEED(4);
-                idx = le(s->p, 4);
-                s->p += 4;
+            if (op == 'q' || op == 'r') {
+                if (memo_index(s, op, &idx) < 0) return -1;
             } else if (op == 'p') {
                 const uint8_t *ln;
                 size_t len;
@@ -2316,6 +2317,37 @@ static uint64_t coords_hash(const int64_t *a, size_t n, uint32_t e)
         h ^= h >> 31;
     }
     return h;
+}
+
+/* the chunk rows, for the row tables below: row r belongs to entry[r] and starts at offsets
+ * offs[coord[r]], coord[r + 1] - coord[r] of them */
+typedef struct {
+    const int64_t *coord, *offs;
+    const int32_t *entry;
+} Rows;
+
+/* A table of rows by (entry, offsets): open addressing, slot = row + 1 (0: empty), cap a power of
+ * two and never full. The slot of the row of entry e whose offsets are key[0..nd), or the empty
+ * slot where it would go */
+static uint32_t row_slot(const uint32_t *slot, uint32_t cap, Rows rw, const int64_t *key, size_t nd, uint32_t e)
+{
+    uint32_t j = (uint32_t)coords_hash(key, nd, e) & (cap - 1);
+    while (slot[j]) {
+        size_t q = slot[j] - 1;
+        size_t qa = (size_t)rw.coord[q], qn = (size_t)(rw.coord[q + 1] - rw.coord[q]);
+        if (rw.entry[q] == (int32_t)e && qn == nd && (nd == 0 || memcmp(rw.offs + qa, key, nd * 8) == 0)) break;
+        j = (j + 1) & (cap - 1);
+    }
+    return j;
+}
+
+/* add row r, of entry e, unless a row of e with the same offsets is there (the first one wins, like
+ * dict.setdefault) */
+static void row_add(uint32_t *slot, uint32_t cap, Rows rw, size_t r, uint32_t e)
+{
+    size_t a0 = (size_t)rw.coord[r], nd = (size_t)(rw.coord[r + 1] - rw.coord[r]);
+    uint32_t j = row_slot(slot, cap, rw, rw.offs + a0, nd, e);
+    if (!slot[j]) slot[j] = (uint32_t)(r + 1);
 }
 
 static PyObject *finish(S *s)
@@ -2584,6 +2616,7 @@ static PyObject *finish(S *s)
         seen = (uint8_t *)calloc(m ? m : 1, 1);
         if (!seen) { PyErr_NoMemory(); pyerr(s); goto fail; }
         uint8_t *indexed = NULL; /* entries whose rows are in the search table */
+        const Rows rw = {coord, offs, entry};
         int nfiles = 0, ntr = 0, bad = 0;
         for (size_t i = 0; i < K && !bad; i++) {
             size_t mi = (size_t)PAY(citems(&s->ct[st])[2 * i]);
@@ -2708,49 +2741,15 @@ static PyObject *finish(S *s)
                         rh.cap = hc;
                         for (size_t e2 = 0; e2 < n; e2++) {
                             if (!indexed[e2] || e2 == e) continue;
-                            for (int64_t r = cstart[e2]; r < cstart[e2 + 1]; r++) {
-                                size_t a0 = (size_t)coord[r], nd = (size_t)(coord[r + 1] - coord[r]);
-                                uint32_t j = (uint32_t)coords_hash(offs + a0, nd, (uint32_t)e2) & (rh.cap - 1);
-                                int dup = 0;
-                                while (rh.slot[j]) {
-                                    int64_t q = rh.slot[j] - 1;
-                                    size_t qa = (size_t)coord[q], qn = (size_t)(coord[q + 1] - coord[q]);
-                                    if (entry[q] == (int32_t)e2 && qn == nd && (nd == 0 || memcmp(offs + qa, offs + a0, nd * 8) == 0)) {
-                                        dup = 1;
-                                        break;
-                                    }
-                                    j = (j + 1) & (rh.cap - 1);
-                                }
-                                if (!dup) rh.slot[j] = (uint32_t)(r + 1);
-                            }
+                            for (int64_t r = cstart[e2]; r < cstart[e2 + 1]; r++)
+                                row_add(rh.slot, rh.cap, rw, (size_t)r, (uint32_t)e2);
                         }
                     }
-                    for (int64_t r = cstart[e]; r < cstart[e + 1]; r++) {
-                        size_t a0 = (size_t)coord[r], nd = (size_t)(coord[r + 1] - coord[r]);
-                        uint32_t j = (uint32_t)coords_hash(offs + a0, nd, e) & (rh.cap - 1);
-                        int dup = 0;
-                        while (rh.slot[j]) {
-                            int64_t q = rh.slot[j] - 1;
-                            size_t qa = (size_t)coord[q], qn = (size_t)(coord[q + 1] - coord[q]);
-                            if (entry[q] == (int32_t)e && qn == nd && (nd == 0 || memcmp(offs + qa, offs + a0, nd * 8) == 0)) {
-                                dup = 1;
-                                break;
-                            }
-                            j = (j + 1) & (rh.cap - 1);
-                        }
-                        if (!dup) rh.slot[j] = (uint32_t)(r + 1);
-                    }
+                    for (int64_t r = cstart[e]; r < cstart[e + 1]; r++)
+                        row_add(rh.slot, rh.cap, rw, (size_t)r, e);
                 }
-                uint32_t j = (uint32_t)coords_hash(ko, knd, e) & (rh.cap - 1);
-                while (rh.slot[j]) {
-                    int64_t q = rh.slot[j] - 1;
-                    size_t qa = (size_t)coord[q], qn = (size_t)(coord[q + 1] - coord[q]);
-                    if (entry[q] == (int32_t)e && qn == knd && (knd == 0 || memcmp(offs + qa, ko, knd * 8) == 0)) {
-                        row = q;
-                        break;
-                    }
-                    j = (j + 1) & (rh.cap - 1);
-                }
+                uint32_t j = row_slot(rh.slot, rh.cap, rw, ko, knd, e);
+                if (rh.slot[j]) row = (int64_t)rh.slot[j] - 1;
                 if (row < 0) { UNSUP(s, "a storage_data chunk is missing from its tensor"); bad = 1; break; }
             }
             seen[row] = 1;
@@ -2779,38 +2778,19 @@ static PyObject *finish(S *s)
                 while (hc < (uint64_t)nins * 2 + 16 && hc < 0x80000000u) hc *= 2;
                 uint32_t *tab = (uint32_t *)calloc(hc, sizeof(uint32_t));
                 if (!tab) { free(want); PyErr_NoMemory(); pyerr(s); goto fail; }
-                for (size_t r = 0; r < m; r++) {
-                    if (!seen[r] || !want[entry[r]]) continue;
-                    size_t a0 = (size_t)coord[r], nd = (size_t)(coord[r + 1] - coord[r]);
-                    uint32_t j = (uint32_t)coords_hash(offs + a0, nd, (uint32_t)entry[r]) & (hc - 1);
-                    int dup = 0;
-                    while (tab[j]) {
-                        size_t q = tab[j] - 1;
-                        size_t qa = (size_t)coord[q], qn = (size_t)(coord[q + 1] - coord[q]);
-                        if (entry[q] == entry[r] && qn == nd && (nd == 0 || memcmp(offs + qa, offs + a0, nd * 8) == 0)) {
-                            dup = 1;
-                            break;
-                        }
-                        j = (j + 1) & (hc - 1);
-                    }
-                    if (!dup) tab[j] = (uint32_t)(r + 1);
-                }
+                for (size_t r = 0; r < m; r++)
+                    if (seen[r] && want[entry[r]]) row_add(tab, hc, rw, r, (uint32_t)entry[r]);
                 for (size_t r = 0; r < m; r++) {
                     if (seen[r]) continue;
                     size_t a0 = (size_t)coord[r], nd = (size_t)(coord[r + 1] - coord[r]);
-                    uint32_t j = (uint32_t)coords_hash(offs + a0, nd, (uint32_t)entry[r]) & (hc - 1);
-                    while (tab[j]) {
+                    uint32_t j = row_slot(tab, hc, rw, offs + a0, nd, (uint32_t)entry[r]);
+                    if (tab[j]) {
                         size_t q = tab[j] - 1;
-                        size_t qa = (size_t)coord[q], qn = (size_t)(coord[q + 1] - coord[q]);
-                        if (entry[q] == entry[r] && qn == nd && (nd == 0 || memcmp(offs + qa, offs + a0, nd * 8) == 0)) {
-                            filec[r] = filec[q];
-                            boff[r] = boff[q];
-                            blen[r] = blen[q];
-                            tcol[r] = tcol[q];
-                            seen[r] = 2;
-                            break;
-                        }
-                        j = (j + 1) & (hc - 1);
+                        filec[r] = filec[q];
+                        boff[r] = boff[q];
+                        blen[r] = blen[q];
+                        tcol[r] = tcol[q];
+                        seen[r] = 2;
                     }
                 }
                 free(want);

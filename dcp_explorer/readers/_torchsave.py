@@ -127,11 +127,25 @@ def _rebuild_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requi
     return _Rebuilt(storage, int(storage_offset), tuple(size), tuple(stride), str(dtype))
 
 
-class _TensorPickle(pickle.Unpickler):
-    def __init__(self, f: IO[bytes], where: str) -> None:
-        super().__init__(f)
+class _ItemPickle(pickle.Unpickler):
+    """An allow-list unpickler of one stored item's ``data.pkl`` (``raw``), read from ``where``."""
+
+    def __init__(self, raw: bytes, where: str) -> None:
+        super().__init__(io.BytesIO(raw))
         self._where = where
 
+    def load_checked(self, what: str) -> Any:
+        """``load()``, with a malformed pickle raised as :class:`MetadataError` ``"{what} (its error)"``
+        (a refused global stays an :class:`UnsafePickleError`)."""
+        try:
+            return self.load()
+        except UnsafePickleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any malformed pickle
+            raise MetadataError(f"{what} ({type(e).__name__}: {e})", path=self._where) from e
+
+
+class _TensorPickle(_ItemPickle):
     def find_class(self, module: str, name: str) -> Any:
         from ._safe_pickle import _TORCH_DTYPES, _dtype
 
@@ -187,6 +201,38 @@ def _data_start(f: IO[bytes] | io.RawIOBase, info: zipfile.ZipInfo, where: str) 
     return info.header_offset + 30 + name_len + extra_len
 
 
+def _read_data_pkl(
+    item: IO[bytes] | io.RawIOBase, where: str, what: str, limit: int
+) -> tuple[dict[str, zipfile.ZipInfo], bytes]:
+    """The members of the ``torch.save`` archive ``item`` and the bytes of its ``data.pkl`` (at most
+    ``limit`` bytes); ``what`` names the item in the errors (``"stored item"``).
+
+    Raises
+    ------
+    MetadataError
+        Not a zip, no ``data.pkl``, ``data.pkl`` too large or unreadable.
+    """
+    try:
+        zf = zipfile.ZipFile(item)
+    except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
+        raise
+    except _ZIP_ERRORS as e:
+        raise MetadataError(f"{what} is not a torch.save zip archive ({e})", path=where) from e
+    with zf:
+        mem = _members(zf)
+        pk = mem.get("data.pkl")
+        if pk is None:
+            raise MetadataError(f"{what} has no data.pkl member", path=where)
+        if pk.file_size > limit:
+            raise MetadataError(f"data.pkl of the {what} is {pk.file_size} bytes; refusing", path=where)
+        try:
+            return mem, zf.read(pk)
+        except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
+            raise
+        except _ZIP_ERRORS as e:
+            raise MetadataError(f"cannot read data.pkl from the {what} ({e})", path=where) from e
+
+
 def tensor_layout(item: IO[bytes] | io.RawIOBase, where: str) -> TensorLayout:
     """Parse a ``torch.save`` archive (a seekable binary file object over exactly the item, such as
     a :class:`WindowFile`).
@@ -198,43 +244,19 @@ def tensor_layout(item: IO[bytes] | io.RawIOBase, where: str) -> TensorLayout:
     UnsafePickleError
         ``data.pkl`` names a global outside the allow-list.
     """
-    try:
-        zf = zipfile.ZipFile(item)
-    except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
-        raise
-    except _ZIP_ERRORS as e:
-        raise MetadataError(f"stored item is not a torch.save zip archive ({e})", path=where) from e
-    with zf:
-        mem = _members(zf)
-        pk = mem.get("data.pkl")
-        if pk is None:
-            raise MetadataError("stored item has no data.pkl member", path=where)
-        if pk.file_size > 1 << 20:
-            raise MetadataError(f"data.pkl of a tensor item is {pk.file_size} bytes; refusing", path=where)
-        try:
-            raw = zf.read(pk)
-        except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
-            raise
-        except _ZIP_ERRORS as e:
-            raise MetadataError(f"cannot read data.pkl from the stored item ({e})", path=where) from e
-        try:
-            obj = _TensorPickle(io.BytesIO(raw), where).load()
-        except UnsafePickleError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any malformed pickle
-            raise MetadataError(f"data.pkl of the stored item is not a saved tensor ({type(e).__name__}: {e})",
-                                path=where) from e  # fmt: skip
-        if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _Storage):
-            raise MetadataError(f"stored item holds a {type(obj).__name__}, expected a tensor", path=where)
-        dtype = obj.dtype or obj.storage.dtype
-        if dtype is None:
-            raise MetadataError("stored tensor has no dtype", path=where)
-        sm = mem.get(f"data/{obj.storage.key}")
-        if sm is None:
-            raise MetadataError(f"stored item has no storage member data/{obj.storage.key}", path=where)
-        if sm.compress_type != zipfile.ZIP_STORED:
-            raise MetadataError("tensor storage inside the item is compressed; expected stored", path=where)
-        start = _data_start(item, sm, where)
+    mem, raw = _read_data_pkl(item, where, "stored item", 1 << 20)
+    obj = _TensorPickle(raw, where).load_checked("data.pkl of the stored item is not a saved tensor")
+    if not isinstance(obj, _Rebuilt) or not isinstance(obj.storage, _Storage):
+        raise MetadataError(f"stored item holds a {type(obj).__name__}, expected a tensor", path=where)
+    dtype = obj.dtype or obj.storage.dtype
+    if dtype is None:
+        raise MetadataError("stored tensor has no dtype", path=where)
+    sm = mem.get(f"data/{obj.storage.key}")
+    if sm is None:
+        raise MetadataError(f"stored item has no storage member data/{obj.storage.key}", path=where)
+    if sm.compress_type != zipfile.ZIP_STORED:
+        raise MetadataError("tensor storage inside the item is compressed; expected stored", path=where)
+    start = _data_start(item, sm, where)
     return TensorLayout(start, sm.file_size, dtype, tuple(int(s) for s in obj.size),
                         tuple(int(s) for s in obj.stride), obj.storage_offset)  # fmt: skip
 
@@ -254,11 +276,7 @@ def _codecs_encode(s: Any, encoding: str = "utf-8") -> bytes:
     return s.encode("latin-1")
 
 
-class _PlainPickle(pickle.Unpickler):
-    def __init__(self, f: IO[bytes], where: str) -> None:
-        super().__init__(f)
-        self._where = where
-
+class _PlainPickle(_ItemPickle):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("_codecs", "encode"):
             return _codecs_encode
@@ -281,27 +299,5 @@ class _PlainPickle(pickle.Unpickler):
 
 def load_plain_object(item: IO[bytes], where: str) -> Any:
     """Decode a bytes entry (a ``torch.save`` archive of a plain object) with the allow-list."""
-    try:
-        zf = zipfile.ZipFile(item)
-    except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
-        raise
-    except _ZIP_ERRORS as e:
-        raise MetadataError(f"stored bytes item is not a torch.save zip archive ({e})", path=where) from e
-    with zf:
-        pk = _members(zf).get("data.pkl")
-        if pk is None:
-            raise MetadataError("stored bytes item has no data.pkl member", path=where)
-        if pk.file_size > 256 << 20:
-            raise MetadataError(f"bytes item's data.pkl is {pk.file_size} bytes; refusing", path=where)
-        try:
-            raw = zf.read(pk)
-        except DcpExplorerError:  # a read that failed (timeout, file cut): not the zip's fault
-            raise
-        except _ZIP_ERRORS as e:
-            raise MetadataError(f"cannot read data.pkl from the stored bytes item ({e})", path=where) from e
-    try:
-        return _PlainPickle(io.BytesIO(raw), where).load()
-    except UnsafePickleError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise MetadataError(f"bytes item does not unpickle ({type(e).__name__}: {e})", path=where) from e
+    _, raw = _read_data_pkl(item, where, "stored bytes item", 256 << 20)
+    return _PlainPickle(raw, where).load_checked("bytes item does not unpickle")
