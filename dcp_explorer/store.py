@@ -147,16 +147,32 @@ class Store:
         except (FileNotFoundError, OSError) as e:
             raise ChunkFileMissing("file does not exist", path=self.display(name)) from e
 
+    def allowed_roots(self) -> tuple[str, ...]:
+        """Real paths a local file of the checkpoint may resolve into: the checkpoint directory, and for
+        a Hugging Face hub cache snapshot (``models--org--name/snapshots/<revision>``, whose files are
+        symlinks to ``../../blobs/<hash>``) that repository's own ``blobs`` folder."""
+        root = os.path.realpath(self.root or ".")
+        out = [root]
+        snapshots = os.path.dirname(root)
+        repo = os.path.dirname(snapshots)
+        kinds = ("models--", "datasets--", "spaces--")
+        if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith(kinds):
+            blobs = os.path.join(repo, "blobs")
+            if os.path.isdir(blobs) and not os.path.islink(blobs):
+                out.append(blobs)
+        return tuple(out)
+
     def check_inside(self, name: str) -> None:
-        """Refuse a local file that resolves (through symlinks) outside the checkpoint directory."""
+        """Refuse a local file that resolves (through symlinks) outside the checkpoint directory (or, for
+        a Hugging Face hub cache snapshot, outside the repository's ``blobs``: :meth:`allowed_roots`)."""
         if not self.is_local:
             return
-        root = os.path.realpath(self.root or ".")
+        roots = self.allowed_roots()
         real = os.path.realpath(self.full_path(name))
-        if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+            where = "the checkpoint directory" + (" or its hub cache blobs" if len(roots) > 1 else "")
             raise MetadataError(
-                f"{name!r} resolves to {real}, outside the checkpoint directory (a symlink?); refusing to read "
-                "outside it",
+                f"{name!r} resolves to {real}, outside {where} (a symlink?); refusing to read outside it",
                 path=self.display(name),
             )
 

@@ -300,3 +300,60 @@ def test_symlinked_data_file_escaping_the_directory_is_refused(samples, tmp_path
     assert len(dcp_explorer.open(tmp_path / "link", cache=False).fqns) == len(
         dcp_explorer.open(samples["mixed"]).fqns
     )
+
+
+def _hub_cache_snapshot(src, hub, repo="models--org--tiny", rev="0123abcd"):
+    """A Hugging Face hub cache layout as huggingface_hub writes it: each file of ``src`` stored once under
+    ``<repo>/blobs/<sha256>``, and ``<repo>/snapshots/<rev>/<name>`` a relative symlink to it."""
+    import hashlib
+
+    blobs = hub / repo / "blobs"
+    snap = hub / repo / "snapshots" / rev
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (hub / repo / "refs").mkdir()
+    (hub / repo / "refs" / "main").write_text(rev)
+    for f in sorted(p for p in src.iterdir() if p.is_file()):
+        data = f.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        (blobs / sha).write_bytes(data)
+        (snap / f.name).symlink_to(os.path.join("..", "..", "blobs", sha))
+    return snap
+
+
+def test_hugging_face_hub_cache_snapshot_is_read(samples, tmp_path):
+    """A hub cache snapshot (files symlinked into the repository's ``blobs``) opens and loads like the
+    real files; nothing is written into the cache."""
+    from safetensors.torch import load_file
+
+    snap = _hub_cache_snapshot(samples["hf_rank0"], tmp_path / "hub")
+    before = snapshot(tmp_path / "hub")
+    ck = dcp_explorer.open(snap)
+    assert list(ck.fqns) == list(dcp_explorer.open(samples["hf_rank0"]).fqns)
+    want = {}
+    for f in sorted(samples["hf_rank0"].glob("*.safetensors")):
+        want.update(load_file(f))
+    got = ck.load(list(want))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert snapshot(tmp_path / "hub") == before
+
+
+def test_hub_cache_snapshot_symlink_out_of_its_blobs_is_refused(samples, tmp_path):
+    """The allowance covers the snapshot's own repository's ``blobs`` only: a link to another repository's
+    blobs, or anywhere else, is refused before anything is read."""
+    hub = tmp_path / "hub"
+    snap = _hub_cache_snapshot(samples["hf_rank0"], hub)
+    other = _hub_cache_snapshot(samples["fp8_block"], hub, repo="models--org--other")
+    victim = next(p for p in sorted(snap.iterdir()) if p.suffix == ".safetensors")
+    foreign = next(p for p in sorted(other.iterdir()) if p.suffix == ".safetensors")
+    victim.unlink()
+    victim.symlink_to(os.path.realpath(foreign))
+    with pytest.raises(MetadataError, match="outside the checkpoint directory or its hub cache blobs") as ei:
+        dcp_explorer.open(snap, cache=False)
+    assert victim.name in str(ei.value)
+    # a directory laid out like a snapshot but outside a hub repository gets no allowance
+    fake = tmp_path / "snapshots" / "rev"
+    shutil.copytree(snap, fake, symlinks=True)
+    (tmp_path / "blobs").symlink_to(hub / "models--org--tiny" / "blobs")
+    with pytest.raises(MetadataError, match="outside the checkpoint directory"):
+        dcp_explorer.open(fake, cache=False)
