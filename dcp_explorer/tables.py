@@ -31,7 +31,15 @@ def chunk_nbytes(index: CheckpointIndex) -> np.ndarray:
     c = index.chunks
     if len(c) == 0:
         return np.zeros(0, np.int64)
-    return (c.numels() * _entry_itemsize(index)[c.entry]).astype(np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _clip_i64(c.numels().astype(np.float64) * _entry_itemsize(index)[c.entry])
+
+
+def _clip_i64(x: np.ndarray) -> np.ndarray:
+    """float64 byte counts as int64, clipped: a damaged file's sizes can multiply past int64 (its
+    chunk-layout warnings say so); tables show the clipped value, not a wrapped or undefined one."""
+    big = float(np.nextafter(2.0**63, 0))
+    return np.clip(np.nan_to_num(x, nan=0.0, posinf=big, neginf=-big), -big, big).astype(np.int64)
 
 
 def tensors_table(index: CheckpointIndex) -> pd.DataFrame:
@@ -230,7 +238,7 @@ def files_table(index: CheckpointIndex, sizes: Mapping[str, int | None]) -> pd.D
             "size_on_disk": pd.array([sizes.get(f) for f in index.files], dtype="Int64"),
             "num_items": num_items.astype(np.int64),
             "ranks": pd.Series(ranks, dtype=object),
-            "tensor_bytes": tensor_bytes.astype(np.int64),
+            "tensor_bytes": _clip_i64(tensor_bytes),
             "stored_bytes": stored.astype(np.int64),
         }
     )

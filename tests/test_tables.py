@@ -478,3 +478,19 @@ def test_repr_html_of_samples(opened, name):
     html = ckpt._repr_html_()
     assert html.count("<table") >= 3 and "<script" not in html
     assert ckpt.format in html
+
+
+def test_byte_counts_past_int64_are_clipped_without_warnings():
+    """A damaged file's chunk sizes can multiply past int64 (found by fuzzing): the tables clip, they do
+    not wrap, and numpy's invalid-cast warning does not reach the user."""
+    import warnings
+
+    from dcp_explorer.tables import _clip_i64
+
+    big = np.iinfo(np.int64).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = _clip_i64(np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 5.0, 2.0**62]))
+    assert got.dtype == np.int64
+    assert got[0] == 0 and got[5] == 5 and got[6] == 2**62
+    assert big - 1024 <= got[1] <= big and got[3] == got[1] and got[2] == got[4] == -got[1]
