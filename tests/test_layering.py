@@ -64,11 +64,11 @@ LAYERS: dict[str, int] = {
     "dcp_explorer.load": 4,
     "dcp_explorer.quant": 4,
     "dcp_explorer._kernels": 4,  # compiled, used by quant
-    "dcp_explorer.diff": 4,
     "dcp_explorer.export": 4,
     # 5 facade
     "dcp_explorer.checkpoint": 5,
     "dcp_explorer": 5,
+    "dcp_explorer.diff": 5,  # takes paths or Checkpoints: opens them, then streams through load/quant
     # 6 pictures
     "dcp_explorer.viz": 6,
     "dcp_explorer.viz_quant": 6,
@@ -100,12 +100,7 @@ PURE = frozenset({
 TORCH_FREE = frozenset({"dcp_explorer.store", "dcp_explorer.cache", "dcp_explorer.readers"})
 
 #: Upward run-time imports that exist today, (importer, imported) -> why; see docs/architecture.md.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("dcp_explorer.diff", "dcp_explorer.checkpoint"): (
-        "diff._open_source checks isinstance(x, Checkpoint) to accept an opened checkpoint"
-    ),
-    ("dcp_explorer.diff", "dcp_explorer"): "diff._open_source opens a path with dcp_explorer.open",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 # ------------------------------------------------------------------------------------------------
