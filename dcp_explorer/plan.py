@@ -658,10 +658,18 @@ class LoadPlan:
         if self._per_rank is None:
             return {None: first}
         out: dict[int | None, tuple[int, int, int, int]] = {}
-        for loc in [first] + [cp[1:] for cp in idx.bytes_copies if cp[0] == e]:
+        for loc in [first, *self._bytes_copies.get(e, ())]:
             r = _file_rank(idx.files[loc[0]]) if loc[0] >= 0 else None
             if r is not None and r in self._per_rank and r < self.world_size:
                 out.setdefault(r, loc)
+        return out
+
+    @cached_property
+    def _bytes_copies(self) -> dict[int, list[tuple[int, int, int, int]]]:
+        """``index.bytes_copies`` grouped by entry (one pass, not one per entry and rank)."""
+        out: dict[int, list[tuple[int, int, int, int]]] = {}
+        for e, *loc in self.index.bytes_copies:
+            out.setdefault(e, []).append((loc[0], loc[1], loc[2], loc[3]))
         return out
 
     def _bytes_reads(self) -> Iterable[tuple[int, int, np.ndarray | slice]]:
